@@ -1,0 +1,126 @@
+"""The ``lightning-dl`` console entry (``list`` and ``run`` the recipes in ``examples/``) and ``RecipeCLI``, the
+LightningCLI the recipes share: after ``fit`` it tests the model, plots the curves and prints where they are."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from typing_extensions import override
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One runnable recipe: ``python examples/<script> fit --config examples/<config>``."""
+
+    name: str
+    script: str
+    config: str
+    description: str
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe(
+        "digits",
+        "digits.py",
+        "configs/digits.yaml",
+        "MLP classifier on scikit-learn's 8x8 digits (CPU, under a minute, >= 0.95 test accuracy)",
+    ),
+)
+
+
+def examples_dir() -> Path:
+    """The ``examples/`` folder of the source checkout this package was installed from (editable install)."""
+    path = Path(__file__).resolve().parent.parent / "examples"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"The recipes live in the repository's examples/ folder, which was not found at {path}. "
+            "Install lightning_dl from a clone with `pip install -e .` (the Makefile does) to run them."
+        )
+    return path
+
+
+def find_recipe(name: str) -> Recipe:
+    """Look a recipe up by name; an unknown name is an error that lists the known ones."""
+    for recipe in RECIPES:
+        if recipe.name == name:
+            return recipe
+    known = ", ".join(r.name for r in RECIPES)
+    raise KeyError(f"Unknown recipe {name!r}; known recipes: {known}. `lightning-dl list` describes them.")
+
+
+def recipe_command(recipe: Recipe, extra_args: list[str]) -> list[str]:
+    """The command line that runs ``recipe``: the example script's LightningCLI ``fit`` with its config."""
+    root = examples_dir()
+    return [sys.executable, str(root / recipe.script), "fit", "--config", str(root / recipe.config), *extra_args]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lightning-dl`` command."""
+    parser = argparse.ArgumentParser(prog="lightning-dl", description="Run the lightning_dl recipes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="list the recipes, one line each")
+    run = commands.add_parser(
+        "run", help="run a recipe; further arguments go to its LightningCLI (e.g. --trainer.max_epochs=5)"
+    )
+    run.add_argument("recipe", help="recipe name, see `lightning-dl list`")
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "list":
+        width = max(len(r.name) for r in RECIPES)
+        for recipe in RECIPES:
+            print(f"{recipe.name:<{width}}  {recipe.description}")
+        return 0
+    if extra and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        command = recipe_command(find_recipe(args.recipe), extra)
+    except (KeyError, FileNotFoundError) as err:
+        parser.error(err.args[0])
+    return subprocess.call(command)
+
+
+class RecipeCLI(LightningCLI):
+    """LightningCLI for the recipes.
+
+    Invalid constructor arguments (a ``ValueError`` from a module or DataModule) end the run with the parser's
+    usage and the message, exit code 2, instead of a traceback. After ``fit`` the model is tested and, on rank zero,
+    the test metrics, the metrics CSV and a PNG of the training curves are printed.
+    """
+
+    @override
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            self.parser.error(str(err))
+
+    def after_fit(self) -> None:
+        """Test the trained model, draw its curves, and report where everything is."""
+        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        if not self.trainer.is_global_zero:
+            return
+        report: list[tuple[str, Any]] = [(key, f"{value:.4f}") for key, value in sorted(results[0].items())]
+        logger = self.trainer.logger
+        if isinstance(logger, CSVLogger):
+            logger.save()
+            from lightning_dl.plot import plot_metrics
+
+            csv_path = Path(logger.log_dir) / "metrics.csv"
+            png_path = plot_metrics(
+                csv_path, Path(logger.log_dir) / "curves.png", title=Path(logger.log_dir).parent.name
+            )
+            report += [("metrics CSV", csv_path), ("curves PNG", png_path)]
+        width = max(len(key) for key, _ in report)
+        print()
+        for key, value in report:
+            print(f"{key.replace('_', ' '):<{width}}  {value}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Plots people look at: training curves from a metrics CSV (Lightning's ``CSVLogger`` format)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+
+def read_metrics(csv_path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """Read a ``CSVLogger`` ``metrics.csv`` into ``{metric: [(step, value), ...]}``, skipping empty cells.
+
+    Epoch-level metrics keep the step at which Lightning logged them, so train and validation curves share the
+    x axis.
+    """
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = float(row["step"])
+            for key, cell in row.items():
+                if key in ("step", "epoch") or cell in ("", None):
+                    continue
+                value = float(cell)
+                if math.isfinite(value):
+                    series[key].append((step, value))
+    return dict(series)
+
+
+def plot_metrics(csv_path: str | Path, png_path: str | Path, *, title: str | None = None) -> Path:
+    """Draw the loss curves (left) and accuracy curves (right) of a run to ``png_path``; returns the path.
+
+    Metrics are grouped by name: those containing ``loss`` on the left, ``acc`` on the right. Per-step training
+    loss is drawn faintly under the epoch means.
+
+    Example::
+
+        >>> plot_metrics("runs/digits/version_0/metrics.csv", "runs/digits/version_0/curves.png")  # doctest: +SKIP
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = read_metrics(csv_path)
+    panels = [("loss", "cross-entropy loss"), ("acc", "accuracy")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, (key, ylabel) in zip(axes, panels, strict=True):
+        for name in sorted(n for n in series if key in n):
+            steps, values = zip(*series[name], strict=True)
+            faint = name.endswith("_step")
+            marker = "*" if len(steps) == 1 else (None if faint or len(steps) > 30 else "o")
+            ax.plot(
+                steps,
+                values,
+                label=name,
+                alpha=0.3 if faint else 1.0,
+                lw=0.8 if faint else 1.8,
+                marker=marker,
+                ms=12 if len(steps) == 1 else 3,
+            )
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path

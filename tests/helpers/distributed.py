@@ -1,0 +1,76 @@
+"""Run a function in N gloo processes joined on 127.0.0.1, with a bounded wait so that a hang fails the test."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DEFAULT_TIMEOUT = 120.0
+
+
+def loopback_env(rank: int, world_size: int) -> dict[str, str]:
+    """Environment of one rank as torchrun would set it, bound to 127.0.0.1 (read by Lightning's environments)."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",  # not used for rendezvous (the group is initialised through a file) but required
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "NODE_RANK": "0",
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+
+
+def _worker(rank: int, fn: Callable[..., Any], world_size: int, tmp: str, args: tuple, timeout: float) -> None:
+    os.environ.update(loopback_env(rank, world_size))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/rendezvous",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout),
+    )
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(tmp) / f"result_{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes that share a gloo process group
+    (``file://`` rendezvous in a temporary directory, sockets on the loopback interface).
+
+    Returns the per-rank return values (which must be picklable with ``torch.save``), ordered by rank. A rank that
+    raises fails the call with its traceback; ranks still running after ``timeout`` seconds are killed and a
+    ``TimeoutError`` is raised, so a deadlock fails the test instead of hanging CI. ``fn`` must be importable
+    (defined at module level).
+    """
+    if world_size < 1:
+        raise ValueError(f"`world_size` must be >= 1, got {world_size!r}.")
+    with tempfile.TemporaryDirectory(prefix="lightning_dl_dist_") as tmp:
+        context = mp.spawn(_worker, args=(fn, world_size, tmp, args, timeout), nprocs=world_size, join=False)
+        assert context is not None
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    alive = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
+                    raise TimeoutError(f"ranks {alive} of {world_size} were still running after {timeout:.0f} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join()
+        return [torch.load(Path(tmp) / f"result_{rank}.pt", weights_only=False) for rank in range(world_size)]
