@@ -63,25 +63,31 @@ def recipe_command(recipe: Recipe, extra_args: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lightning-dl`` command."""
-    parser = argparse.ArgumentParser(prog="lightning-dl", description="Run the lightning_dl recipes.")
+    parser = argparse.ArgumentParser(prog="lightning-dl", description="List and run the lightning_dl recipes.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list the recipes, one line each")
+    # no -h of its own: everything after the recipe name, --help included, goes to the recipe's LightningCLI
     run = commands.add_parser(
-        "run", help="run a recipe; further arguments go to its LightningCLI (e.g. --trainer.max_epochs=5)"
+        "run",
+        add_help=False,
+        help="run a recipe; further arguments go to its LightningCLI (e.g. --trainer.max_epochs=5, --help)",
+        usage="lightning-dl run RECIPE [LightningCLI arguments ...]",
     )
-    run.add_argument("recipe", help="recipe name, see `lightning-dl list`")
-    args, extra = parser.parse_known_args(argv)
+    run.add_argument("recipe", nargs="?", help="recipe name, see `lightning-dl list`")
+    run.add_argument("recipe_args", nargs=argparse.REMAINDER, help="arguments for the recipe's LightningCLI")
+    args = parser.parse_args(argv)
     if args.command == "list":
         width = max(len(r.name) for r in RECIPES)
         for recipe in RECIPES:
             print(f"{recipe.name:<{width}}  {recipe.description}")
         return 0
-    if extra and args.command != "run":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.recipe in (None, "-h", "--help"):
+        run.print_help()
+        return 0 if args.recipe else 2
     try:
-        command = recipe_command(find_recipe(args.recipe), extra)
+        command = recipe_command(find_recipe(args.recipe), args.recipe_args)
     except (KeyError, FileNotFoundError) as err:
-        parser.error(err.args[0])
+        run.error(err.args[0])
     return subprocess.call(command)
 
 

@@ -154,8 +154,8 @@ def make_sequence_task(
         answer = x.flip(1)
     else:
         answer = x.sort(dim=1).values
-    column = torch.full((num_samples, 1), BOS)
-    seq = torch.cat([column, x, column.fill_(SEP), answer], dim=1)
+    bos, sep = torch.full((num_samples, 1), BOS), torch.full((num_samples, 1), SEP)
+    seq = torch.cat([bos, x, sep, answer], dim=1)
     inputs, targets = seq[:, :-1].clone(), seq[:, 1:].clone()
     targets[:, :seq_len] = IGNORE_INDEX  # the prompt symbols and the separator are given, not predicted
     return inputs, targets

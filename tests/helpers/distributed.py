@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -43,9 +44,27 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, tmp: str, args: 
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(tmp) / f"result_{rank}.pt")
+    except BaseException:
+        (Path(tmp) / f"error_{rank}.txt").write_text(f"{time.time()}\n{traceback.format_exc()}")
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _failure_report(tmp: Path, world_size: int) -> str:
+    """Every failed rank's traceback, the earliest failure first (the others are usually its consequence)."""
+    time.sleep(0.5)  # let ranks that fail because of the first failure write their tracebacks
+    failures = []
+    for rank in range(world_size):
+        path = tmp / f"error_{rank}.txt"
+        if path.exists():
+            stamp, _, trace = path.read_text().partition("\n")
+            failures.append((float(stamp), rank, trace))
+    return "\n".join(
+        f"-- rank {rank} failed{' first' if i == 0 else ''}:\n{trace}"
+        for i, (_, rank, trace) in enumerate(sorted(failures))
+    )
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT) -> list[Any]:
@@ -53,9 +72,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     (``file://`` rendezvous in a temporary directory, sockets on the loopback interface).
 
     Returns the per-rank return values (which must be picklable with ``torch.save``), ordered by rank. A rank that
-    raises fails the call with its traceback; ranks still running after ``timeout`` seconds are killed and a
-    ``TimeoutError`` is raised, so a deadlock fails the test instead of hanging CI. ``fn`` must be importable
-    (defined at module level).
+    raises fails the call with a ``RuntimeError`` holding every failed rank's traceback, the first failure first;
+    ranks still running after ``timeout`` seconds are killed and a ``TimeoutError`` is raised, so a deadlock fails
+    the test instead of hanging CI. ``fn`` must be importable (defined at module level).
     """
     if world_size < 1:
         raise ValueError(f"`world_size` must be >= 1, got {world_size!r}.")
@@ -68,6 +87,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 if time.monotonic() >= deadline:
                     alive = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
                     raise TimeoutError(f"ranks {alive} of {world_size} were still running after {timeout:.0f} s")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            raise RuntimeError(_failure_report(Path(tmp), world_size) or str(err)) from err
         finally:
             for process in context.processes:
                 if process.is_alive():

@@ -33,7 +33,7 @@ def test_ranks_share_a_gloo_group() -> None:
 
 
 def test_an_error_in_one_rank_fails_the_call() -> None:
-    with pytest.raises(Exception, match="rank one failed on purpose"):
+    with pytest.raises(RuntimeError, match=r"(?s)^-- rank 1 failed first:.*rank one failed on purpose"):
         run_distributed(_raise_on_rank_one, 2, timeout=60)
 
 

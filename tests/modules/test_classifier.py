@@ -1,0 +1,70 @@
+"""ClassifierModule: it learns, logs what it promises, and puts no weight decay on biases."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_dl.data import DigitsDataModule
+from lightning_dl.modules import ClassifierModule
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**(defaults | kwargs))
+
+
+def test_fit_logs_loss_and_accuracy_and_learns() -> None:
+    L.seed_everything(0)
+    module = ClassifierModule(hidden_sizes=[64], dropout=0.0, lr=3e-3)
+    data = DigitsDataModule(batch_size=64, seed=0)
+    trainer = _trainer(max_epochs=3)
+    before = trainer.validate(module, datamodule=data, verbose=False)[0]
+    trainer.fit(module, datamodule=data)
+    metrics = trainer.callback_metrics
+    for key in ("train_loss_step", "train_loss_epoch", "train_acc", "val_loss", "val_acc"):
+        assert key in metrics, key
+    assert metrics["val_loss"] < before["val_loss"] / 2
+    assert metrics["val_acc"] > 0.85
+    test = trainer.test(module, datamodule=data, verbose=False)[0]
+    assert set(test) == {"test_loss", "test_acc"}
+    assert 0.85 < test["test_acc"] <= 1.0
+
+
+def test_logged_accuracy_matches_a_direct_count() -> None:
+    module = ClassifierModule(hidden_sizes=[16])
+    data = DigitsDataModule(batch_size=50, seed=1)
+    result = _trainer().test(module, datamodule=data, verbose=False)[0]
+    x, y = data._splits["test"].tensors
+    module.eval()
+    with torch.no_grad():
+        expected = (module(x).argmax(dim=1) == y).float().mean().item()
+    assert result["test_acc"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_no_weight_decay_on_biases() -> None:
+    module = ClassifierModule(hidden_sizes=[16, 8], weight_decay=0.1)
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.ndim == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_classes": 1}, "`num_classes` must be >= 2, got 1"),
+        ({"lr": 0.0}, "`lr` must be > 0, got 0.0"),
+        ({"weight_decay": -1e-4}, "`weight_decay` must be >= 0, got -0.0001"),
+    ],
+)
+def test_rejects_invalid_values(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        ClassifierModule(**kwargs)

@@ -1,0 +1,74 @@
+"""The lightning-dl command and the recipes' LightningCLI."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_dl import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_list_prints_one_line_per_recipe(capsys) -> None:
+    assert cli.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(cli.RECIPES)
+    assert lines[0].startswith("digits ")
+
+
+def test_unknown_recipe_lists_the_known_ones(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", "mnist"])
+    assert exit_info.value.code == 2
+    assert "Unknown recipe 'mnist'; known recipes: digits" in capsys.readouterr().err
+
+
+def test_run_without_recipe_prints_usage(capsys) -> None:
+    assert cli.main(["run"]) == 2
+    assert "lightning-dl run RECIPE" in capsys.readouterr().out
+
+
+def test_every_recipe_script_and_config_exists() -> None:
+    for recipe in cli.RECIPES:
+        command = cli.recipe_command(recipe, ["--trainer.max_epochs=1"])
+        assert Path(command[1]).is_file() and Path(command[4]).is_file()
+        assert command[2:4] == ["fit", "--config"] and command[-1] == "--trainer.max_epochs=1"
+
+
+def _run(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_dl.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--data.batch_size=0", r"`batch_size` must be a positive integer (>= 1), got 0."),
+        ("--data.val_fraction=1.5", r"`val_fraction` must lie in the open interval (0, 1), got 1.5."),
+    ],
+)
+def test_recipe_rejects_invalid_values_before_training(tmp_path, override, message) -> None:
+    result = _run("run", "digits", override, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Epoch 0" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_default_recipe_reaches_095_and_reports_its_files(tmp_path) -> None:
+    """The default recipe, exactly as `make demo` runs it (from another working directory)."""
+    result = _run("run", "digits", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = dict(re.findall(r"^(test acc|test loss|metrics CSV|curves PNG) +(\S+)$", result.stdout, re.MULTILINE))
+    assert len(report) == 4, result.stdout[-2000:]
+    assert float(report["test acc"]) >= 0.95
+    csv_path, png_path = tmp_path / report["metrics CSV"], tmp_path / report["curves PNG"]
+    assert csv_path.is_file() and "test_acc" in csv_path.read_text().splitlines()[0]
+    assert png_path.read_bytes()[:4] == b"\x89PNG"
+    assert "Epoch 29: 100%" in result.stdout  # Lightning's progress bar
+    assert "`Trainer.fit` stopped: `max_epochs=30` reached." in result.stderr
