@@ -33,9 +33,9 @@ def plot_metrics(csv_path: str | Path, png_path: str | Path, *, title: str | Non
     Metrics are grouped by name: those containing ``loss`` on the left, ``acc`` on the right. Per-step training
     loss is drawn faintly under the epoch means.
 
-    Example::
+    Example (after ``lightning-dl run digits``)::
 
-        >>> plot_metrics("runs/digits/version_0/metrics.csv", "runs/digits/version_0/curves.png")  # doctest: +SKIP
+        plot_metrics("runs/digits/version_0/metrics.csv", "runs/digits/version_0/curves.png")
     """
     import matplotlib
 
