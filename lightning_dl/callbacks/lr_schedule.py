@@ -1,0 +1,159 @@
+"""``LRSchedule``: warmup and a decay shape, written into every param group before each optimizer step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_dl import schedules
+from lightning_dl.callbacks._logging import log_step
+
+FIELDS = ("lr", "weight_decay", "momentum")
+
+
+def _read(group: dict, field: str) -> float:
+    if field == "momentum" and "betas" in group:
+        return group["betas"][0]
+    if field not in group:
+        raise ValueError(
+            f"`field={field!r}` is not a hyper-parameter of this optimizer's param groups ({sorted(group)})."
+        )
+    return group[field]
+
+
+def write_field(group: dict, field: str, value: float) -> None:
+    """Set ``field`` of a param group (``momentum`` is ``betas[0]`` for Adam-style optimizers)."""
+    if field == "momentum" and "betas" in group:
+        group["betas"] = (value, *group["betas"][1:])
+    else:
+        group[field] = value
+
+
+def initial_value(group: dict, field: str) -> float:
+    """The value the group started with, stamped once as ``initial_<field>`` (kept in the optimizer's state_dict,
+    so it survives resume); ratios between groups are preserved because each group keeps its own."""
+    return group.setdefault(f"initial_{field}", _read(group, field))
+
+
+class LRSchedule(Callback):
+    """Warmup then a decay shape, applied to every param group of every optimizer as
+    ``value = initial_value × factor(step)`` before each optimizer step (so gradient accumulation counts optimizer
+    steps, not batches). The step is ``trainer.global_step``; under ``BatchSizeScaling(rule="adascale")`` it is the
+    scale-invariant progress instead, and the scaling factors multiply the scheduled value.
+
+    Args:
+        shape: ``constant``, ``linear``, ``cosine``, ``cosine_restarts``, ``wsd``, ``polynomial``, ``inverse_sqrt``
+            or ``step`` (see :mod:`lightning_dl.schedules`).
+        warmup_steps: optimizer steps of warmup.
+        warmup_type: ``linear`` or ``exponential``.
+        warmup_start_ratio: factor at step 0 of the warmup.
+        total_steps: length of the schedule; ``None`` takes ``trainer.estimated_stepping_batches``.
+        field: ``lr`` (default), ``weight_decay`` or ``momentum`` (``betas[0]`` for Adam).
+        log: log the value of each group as ``<field>`` (one group) or ``<field>/pg<i>``.
+        **shape_kwargs: the shape's own parameters, e.g. ``min_lr_ratio``, ``num_cycles``, ``decay_fraction``,
+            ``milestones``.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_dl.callbacks import LRSchedule
+        >>> trainer = L.Trainer(callbacks=[LRSchedule("cosine", warmup_steps=100, min_lr_ratio=0.1)])
+    """
+
+    def __init__(
+        self,
+        shape: str = "cosine",
+        *,
+        warmup_steps: int = 0,
+        warmup_type: str = "linear",
+        warmup_start_ratio: float = 0.0,
+        total_steps: int | None = None,
+        field: str = "lr",
+        log: bool = True,
+        **shape_kwargs: Any,
+    ) -> None:
+        if field not in FIELDS:
+            raise ValueError(f"`field` must be one of {FIELDS}, got {field!r}.")
+        self.shape = shape
+        self.warmup_steps = warmup_steps
+        self.warmup_type = warmup_type
+        self.warmup_start_ratio = warmup_start_ratio
+        self.total_steps = total_steps
+        self.field = field
+        self.log = log
+        self.shape_kwargs = shape_kwargs
+        self._validate()
+
+    def _validate(self) -> None:
+        schedules.validate_schedule(
+            self.shape,
+            warmup_steps=self.warmup_steps,
+            warmup_type=self.warmup_type,
+            warmup_start_ratio=self.warmup_start_ratio,
+            total_steps=self.total_steps,
+            **self.shape_kwargs,
+        )
+
+    def factor(self, step: float) -> float:
+        """The schedule's factor at ``step`` (``total_steps`` must be known)."""
+        if self.total_steps is None:
+            raise RuntimeError("`total_steps` is not known yet: it is resolved when fitting starts.")
+        return schedules.lr_factor(
+            self.shape,
+            step,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            warmup_type=self.warmup_type,
+            warmup_start_ratio=self.warmup_start_ratio,
+            **self.shape_kwargs,
+        )
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for config in trainer.lr_scheduler_configs:
+            raise ValueError(
+                f"LRSchedule writes `{self.field}` itself, but `configure_optimizers` also returns the LR scheduler "
+                f"{type(config.scheduler).__name__}: remove one of the two."
+            )
+        if self.total_steps is None:
+            estimated = trainer.estimated_stepping_batches
+            if estimated == float("inf"):
+                raise ValueError("LRSchedule needs `total_steps` when the Trainer has no `max_steps` or `max_epochs`.")
+            self.total_steps = int(estimated)
+        self._validate()
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                initial_value(group, self.field)
+
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
+        from lightning_dl.callbacks.batch_size_scaling import find_scaling
+
+        scaling = find_scaling(trainer)
+        progress = scaling.progress(trainer) if scaling is not None else trainer.global_step
+        factor = self.factor(progress)
+        multipliers = scaling.multipliers(trainer, optimizer, self.field) if scaling is not None else None
+        values = []
+        for index, group in enumerate(optimizer.param_groups):
+            value = initial_value(group, self.field) * factor
+            if multipliers is not None:
+                value = multipliers[index](value)
+            write_field(group, self.field, value)
+            values.append(value)
+        if self.log:
+            many = len(values) > 1
+            for index, value in enumerate(values):
+                name = f"{self.field}/pg{index}" if many else self.field
+                log_step(pl_module, name, value)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"total_steps": self.total_steps}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.total_steps = state_dict["total_steps"]

@@ -1,0 +1,242 @@
+"""``GradientNoiseScale``: an online estimate of the critical batch size from gradients of two batch sizes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_dl.callbacks._logging import log_step
+from lightning_dl.callbacks.batch_size_scaling import BatchGeometry, batch_geometry, reduce_sum
+from lightning_dl.parallel.grad_norm import MicroBatchGradSquares
+from lightning_dl.scaling import noise_scale_sample
+
+MCALLESTER_LAMBDA_B = 16.0
+
+
+@contextlib.contextmanager
+def _logging_disabled(module: L.LightningModule) -> Iterator[None]:
+    """``self.log`` and ``self.log_dict`` do nothing inside (for an extra forward the metrics must not see)."""
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log, module.log_dict
+
+
+def _batch_length(batch: Any) -> int:
+    lengths: list[int] = []
+    apply_to_collection(batch, torch.Tensor, lambda t: lengths.append(len(t)))
+    if not lengths:
+        raise ValueError("GradientNoiseScale cannot split a batch that holds no tensors.")
+    return lengths[0]
+
+
+class _Ema:
+    """Debiased exponential moving average of a float or a tensor."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay, self.biased, self.weight = decay, None, 0.0
+
+    def update(self, value: Any) -> Any:
+        self.biased = (
+            value * (1 - self.decay) if self.biased is None else self.biased * self.decay + value * (1 - self.decay)
+        )
+        self.weight = self.weight * self.decay + (1 - self.decay)
+        return self.value
+
+    @property
+    def value(self) -> Any:
+        return None if self.biased is None else self.biased / self.weight
+
+    def state_dict(self) -> dict:
+        return {"biased": self.biased, "weight": self.weight}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.biased, self.weight = state["biased"], state["weight"]
+
+
+class GradientNoiseScale(Callback):
+    """Estimate the simple noise scale ``B_simple = tr(Σ)/|G|²`` (McCandlish et al. 2018), the batch size beyond
+    which larger batches stop paying off, and McAllester's per-coordinate critical batch ``B* = 16σ²/g²``
+    (median over coordinates), every ``every_n_steps`` optimizer steps.
+
+    The unbiased two-batch-size estimator needs a gradient over a small batch and one over a big batch at the same
+    parameters. The big one is the gradient the optimizer steps with (``B_big`` = the effective batch). The small
+    ones are each rank's micro-batch gradients (``B_small`` = the per-device batch), read by tensor hooks before
+    data-parallel reduction and accumulation, whenever there are at least two per step (``devices >= 2`` or
+    ``accumulate_grad_batches >= 2``). On one device without accumulation the callback runs the module's
+    ``training_step`` once more on the first half of the batch on measured steps, with ``self.log`` disabled, and
+    takes its gradient by ``torch.autograd.grad`` (``.grad`` is untouched; ``B_small`` = half the batch): this
+    costs half a step every ``every_n_steps`` steps, and side effects of ``training_step`` other than logging
+    (a metric's ``update``, random numbers drawn) happen once more on those steps.
+
+    Both ``|G|²`` and ``tr(Σ)`` (and, per coordinate, ``g²`` and ``σ²``) are smoothed by a debiased EMA before the
+    ratio. Logs ``noise_scale/b_simple``, ``noise_scale/grad_sq``, ``noise_scale/trace_cov``,
+    ``noise_scale/b_star_median`` and, with ``suggest_batch_size``, ``noise_scale/suggested_batch_size``.
+
+    Args:
+        every_n_steps: measure on optimizer steps divisible by this.
+        ema_decay: decay of the EMAs, in [0, 1).
+        per_coordinate: also estimate McAllester's per-coordinate B* (keeps two extra copies of the parameters).
+        batch_size: per-device batch size when the train DataLoader does not say.
+        suggest_batch_size: log ``B_simple`` rounded as a suggested effective batch size.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_dl.callbacks import GradientNoiseScale
+        >>> trainer = L.Trainer(callbacks=[GradientNoiseScale(every_n_steps=20)])
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        ema_decay: float = 0.9,
+        *,
+        per_coordinate: bool = True,
+        batch_size: int | None = None,
+        suggest_batch_size: bool = True,
+    ) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be an integer >= 1, got {every_n_steps!r}.")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"`ema_decay` must lie in [0, 1), got {ema_decay!r}.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size!r}.")
+        self.every_n_steps = every_n_steps
+        self.per_coordinate = per_coordinate
+        self.batch_size = batch_size
+        self.suggest_batch_size = suggest_batch_size
+        self.grad_sq, self.trace = _Ema(ema_decay), _Ema(ema_decay)
+        self.coord_grad_sq, self.coord_var = _Ema(ema_decay), _Ema(ema_decay)
+        self.b_simple: float | None = None
+        self.b_star_median: float | None = None
+        self._squares: MicroBatchGradSquares | None = None
+        self._batch: tuple[Any, int] | None = None
+        self._geometry: BatchGeometry | None = None
+
+    def _params(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
+        return [p for p in pl_module.parameters() if p.requires_grad]
+
+    def _measuring(self, trainer: L.Trainer) -> bool:
+        return trainer.global_step % self.every_n_steps == 0
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._measuring(trainer):
+            return
+        self._geometry = geometry = batch_geometry(trainer, self.batch_size)
+        if geometry.num_small >= 2:
+            if self._squares is None:
+                self._squares = MicroBatchGradSquares([self._params(pl_module)], elementwise=self.per_coordinate)
+        else:
+            if _batch_length(batch) < 2:
+                raise ValueError("GradientNoiseScale on one device needs batches of at least 2 samples to split.")
+            self._batch = (batch, batch_idx)
+
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
+        if not self._measuring(trainer) or self._geometry is None:
+            return
+        params = self._params(pl_module)
+        grads = [
+            p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32) for p in params
+        ]
+        big_sq = sum(g.pow(2).sum() for g in grads)
+        big_vec = torch.cat([g.flatten() for g in grads]) if self.per_coordinate else None
+        if self._squares is not None:
+            small_sq, small_vec, b_small, b_big = self._from_micro_batches(params, self._geometry)
+        else:
+            small_sq, small_vec, b_small, b_big = self._from_half_batch(pl_module, params)
+        self._update(float(small_sq), float(big_sq), small_vec, big_vec, b_small, b_big)
+        self._log(pl_module)
+
+    def _from_micro_batches(
+        self, params: list[torch.nn.Parameter], geometry: BatchGeometry
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
+        assert self._squares is not None
+        scale = geometry.accumulation**2 / geometry.num_small  # undo the loss division, then average
+        small_sq = reduce_sum(self._squares.pop()) * scale  # type: ignore[arg-type]
+        small_vec = None
+        if self.per_coordinate:
+            small_vec = reduce_sum(self._squares.pop_elementwise(params)) * scale  # type: ignore[arg-type]
+        self._squares.remove()
+        self._squares = None
+        return small_sq.sum(), small_vec, float(geometry.per_device), float(geometry.effective)
+
+    def _from_half_batch(
+        self, pl_module: L.LightningModule, params: list[torch.nn.Parameter]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
+        assert self._batch is not None
+        batch, batch_idx = self._batch
+        self._batch = None
+        size = _batch_length(batch)
+        half = apply_to_collection(batch, torch.Tensor, lambda t: t[: size // 2])
+        with _logging_disabled(pl_module), torch.enable_grad():
+            output = pl_module.training_step(half, batch_idx)
+        loss = output["loss"] if isinstance(output, Mapping) else output
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError("GradientNoiseScale needs `training_step` to return the loss (a tensor or {'loss': ...}).")
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        small = [torch.zeros_like(p) if g is None else g.detach().float() for p, g in zip(params, grads, strict=True)]
+        small_sq = sum(g.pow(2).sum() for g in small)
+        small_vec = torch.cat([g.pow(2).flatten() for g in small]) if self.per_coordinate else None
+        return small_sq, small_vec, float(size // 2), float(size)  # type: ignore[return-value]
+
+    def _update(
+        self,
+        small_sq: float,
+        big_sq: float,
+        small_vec: torch.Tensor | None,
+        big_vec: torch.Tensor | None,
+        b_small: float,
+        b_big: float,
+    ) -> None:
+        g2, trace = noise_scale_sample(small_sq, big_sq, b_small, b_big)
+        g2_avg, trace_avg = self.grad_sq.update(g2), self.trace.update(trace)
+        self.b_simple = trace_avg / g2_avg if g2_avg > 0 else float("inf")
+        if small_vec is not None and big_vec is not None:
+            coord_g2, coord_var = noise_scale_sample(small_vec, big_vec.pow(2), b_small, b_big)  # type: ignore[arg-type]
+            coord_g2, coord_var = self.coord_grad_sq.update(coord_g2), self.coord_var.update(coord_var)
+            informative = coord_g2 > 0
+            if informative.any():
+                ratio = MCALLESTER_LAMBDA_B * coord_var.clamp_min(0)[informative] / coord_g2[informative]
+                self.b_star_median = ratio.median().item()
+
+    def _log(self, pl_module: L.LightningModule) -> None:
+        log_step(pl_module, "noise_scale/grad_sq", float(self.grad_sq.value))
+        log_step(pl_module, "noise_scale/trace_cov", float(self.trace.value))
+        if self.b_simple is not None:
+            log_step(pl_module, "noise_scale/b_simple", self.b_simple)
+            if self.suggest_batch_size and 0 < self.b_simple < float("inf"):
+                log_step(pl_module, "noise_scale/suggested_batch_size", float(max(1, round(self.b_simple))))
+        if self.b_star_median is not None:
+            log_step(pl_module, "noise_scale/b_star_median", self.b_star_median)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._squares is not None:
+            self._squares.remove()
+            self._squares = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).state_dict() for name in ("grad_sq", "trace", "coord_grad_sq", "coord_var")}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name, state in state_dict.items():
+            getattr(self, name).load_state_dict(state)
+        g2, trace = self.grad_sq.value, self.trace.value
+        self.b_simple = None if g2 is None else (trace / g2 if g2 > 0 else float("inf"))

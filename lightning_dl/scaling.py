@@ -1,0 +1,124 @@
+"""Batch-size scaling rules as pure functions of ``k = B / B_ref``, and the AdaScale gain estimator. Torch only.
+
+- ``linear``: η = k·η_ref (Goyal et al. 2017); ``sqrt``: η = √k·η_ref;
+- ``mcallester``: linear η, and the momentum horizon kept constant in examples: β_B = max(0, 1 − k(1 − β_ref))
+  for SGD momentum and Adam's β1; Adam's β2 is unchanged (its horizon N_s counts examples already);
+- ``adascale`` (Johnson et al. 2020): η = r_t·η_ref with the per-step gain r = (σ² + μ²)/(σ²/S + μ²), S = k;
+- ``none``: nothing changes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+RULES = ("linear", "sqrt", "mcallester", "adascale", "none")
+
+
+def scale_factor(batch_size: int, reference_batch_size: int) -> float:
+    """``k = batch_size / reference_batch_size``."""
+    if reference_batch_size <= 0:
+        raise ValueError(f"`reference_batch_size` must be >= 1, got {reference_batch_size!r}.")
+    if batch_size <= 0:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size!r}.")
+    return batch_size / reference_batch_size
+
+
+def lr_multiplier(rule: str, k: float) -> float:
+    """The fixed LR multiplier of ``rule`` at scale ``k`` (``adascale`` multiplies per step instead: 1 here)."""
+    if rule not in RULES:
+        raise ValueError(f"`rule` must be one of {RULES}, got {rule!r}.")
+    return {"linear": k, "sqrt": math.sqrt(k), "mcallester": k}.get(rule, 1.0)
+
+
+def mcallester_momentum(beta: float, k: float) -> float:
+    """``max(0, 1 − k(1 − β))``: the momentum at batch ``k·B_ref`` whose horizon, counted in examples, equals that of
+    ``β`` at ``B_ref`` (to first order)."""
+    return max(0.0, 1.0 - k * (1.0 - beta))
+
+
+def adascale_sample(
+    small_sq_sum: torch.Tensor, big_sq: torch.Tensor, num_small: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's estimates ``(σ², μ²)`` per parameter group from ``Σ_i ‖g_i‖²`` over ``num_small`` small gradients
+    and ``‖ḡ‖²`` of their mean (Johnson et al. 2020, appendix B.3, with S ≠ num_small allowed):
+
+        σ² = Σ‖g_i‖² · (S/n)/(n − 1) − ‖ḡ‖² · S/(n − 1),   μ² = ‖ḡ‖² − σ²/S,   σ² ≥ 1e-6,  μ² ≥ 0.
+    """
+    if num_small < 2:
+        raise ValueError(f"AdaScale needs at least 2 small gradients per step, got `num_small={num_small}`.")
+    n = float(num_small)
+    var = small_sq_sum * (scale / n) / (n - 1) - big_sq * scale / (n - 1)
+    sqr = big_sq - var / scale
+    return var.clamp_min(1e-6), sqr.clamp_min(0.0)
+
+
+@dataclass
+class AdaScaleEstimator:
+    """Debiased exponential moving averages of AdaScale's σ² and μ² per parameter group, and the gain they give.
+
+    ``smoothing`` is the EMA decay; ``None`` picks ``max(0, 1 − num_small/1000)`` at the first update. The state is
+    a plain dict of floats (``state_dict``), so resuming reproduces the same gains.
+    """
+
+    num_groups: int
+    smoothing: float | None = None
+    var_biased: list[float] = field(default_factory=list)
+    sqr_biased: list[float] = field(default_factory=list)
+    unbias: float = 0.0
+
+    def update(self, small_sq_sum: torch.Tensor, big_sq: torch.Tensor, num_small: int, scale: float) -> None:
+        """Fold in one step's measurements (``small_sq_sum`` and ``big_sq`` hold one entry per group)."""
+        var, sqr = adascale_sample(small_sq_sum.double(), big_sq.double(), num_small, scale)
+        if self.smoothing is None:
+            self.smoothing = max(1.0 - num_small / 1000.0, 0.0)
+        beta = self.smoothing
+        if not self.var_biased:
+            self.var_biased, self.sqr_biased = [0.0] * self.num_groups, [0.0] * self.num_groups
+        self.var_biased = [beta * b + (1 - beta) * v for b, v in zip(self.var_biased, var.tolist(), strict=True)]
+        self.sqr_biased = [beta * b + (1 - beta) * s for b, s in zip(self.sqr_biased, sqr.tolist(), strict=True)]
+        self.unbias = beta * self.unbias + (1 - beta)
+
+    def gain(self, scale: float, group: int | None = None) -> float:
+        """``(σ² + μ²)/(σ²/S + μ²)`` for one group, or with σ² and μ² summed over groups when ``group`` is None;
+        1 before the first update."""
+        if not self.var_biased:
+            return 1.0
+        if group is None:
+            var, sqr = sum(self.var_biased) / self.unbias, sum(self.sqr_biased) / self.unbias
+        else:
+            var, sqr = self.var_biased[group] / self.unbias, self.sqr_biased[group] / self.unbias
+        return (var + sqr) / (var / scale + sqr)
+
+    def rescale(self, old_scale: float, new_scale: float) -> None:
+        """Keep σ² consistent when S changes (σ² is measured in units of S)."""
+        self.var_biased = [v * old_scale / new_scale for v in self.var_biased]
+
+    def state_dict(self) -> dict:
+        return {
+            "smoothing": self.smoothing,
+            "var_biased": list(self.var_biased),
+            "sqr_biased": list(self.sqr_biased),
+            "unbias": self.unbias,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.smoothing = state["smoothing"]
+        self.var_biased, self.sqr_biased = list(state["var_biased"]), list(state["sqr_biased"])
+        self.unbias = state["unbias"]
+
+
+def noise_scale_sample(small_sq: float, big_sq: float, small_batch: float, big_batch: float) -> tuple[float, float]:
+    """Unbiased two-batch-size estimates ``(|G|², tr Σ)`` (McCandlish et al. 2018, appendix A.1) from the mean
+    squared norm of gradients over batches of ``small_batch`` samples and the squared norm over ``big_batch``:
+
+        |G|² ≈ (B_big|G_big|² − B_small|G_small|²)/(B_big − B_small),
+        tr Σ ≈ (|G_small|² − |G_big|²)/(1/B_small − 1/B_big).
+    """
+    if not big_batch > small_batch > 0:
+        raise ValueError(f"need big_batch > small_batch > 0, got small_batch={small_batch}, big_batch={big_batch}.")
+    g2 = (big_batch * big_sq - small_batch * small_sq) / (big_batch - small_batch)
+    trace = (small_sq - big_sq) / (1.0 / small_batch - 1.0 / big_batch)
+    return g2, trace
