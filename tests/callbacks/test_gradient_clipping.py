@@ -1,0 +1,245 @@
+"""GradientClipping inside a Trainer: each mode against a direct computation, non-finite handling, errors, and
+the DDP norm equal to the single-process norm of the full batch."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_dl.callbacks import GradientClipping
+from tests.helpers.distributed import run_distributed
+from tests.helpers.models import TinyRegressor, regression_dataset, tiny_net
+from tests.helpers.trainer import StepRecorder, loader, quiet_trainer
+
+
+class RawGrads(StepRecorder):
+    """Placed first: records the gradients before any clipping."""
+
+
+def _fit(clipping, steps=4, module=None, **kwargs):
+    raw, clipped = RawGrads(), StepRecorder()
+    module = module or TinyRegressor(tiny_net(), lr=0.5)
+    trainer = quiet_trainer(max_steps=steps, callbacks=[raw, clipping, clipped], **kwargs)
+    trainer.fit(module, loader(regression_dataset(64), batch_size=8))
+    return trainer, raw, clipped
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_norm_mode_equals_torch_clip_grad_norm(norm_type) -> None:
+    trainer, raw, clipped = _fit(GradientClipping(max_norm=0.05, norm_type=norm_type))
+    for before, after in zip(raw.grads, clipped.grads, strict=True):
+        total = torch.nn.utils.get_total_norm(before, norm_type)
+        coef = min(1.0, 0.05 / (total.item() + 1e-6))
+        for g_after, g_before in zip(after, before, strict=True):
+            torch.testing.assert_close(g_after, g_before * coef)
+    metrics = trainer.callback_metrics
+    assert metrics["grad_norm/pre_clip"] == pytest.approx(
+        torch.nn.utils.get_total_norm(raw.grads[-1], norm_type).item()
+    )
+    assert metrics["grad_norm/post_clip"] == pytest.approx(0.05, rel=1e-4)
+    assert metrics["grad_norm/clipped"] == 1.0
+
+
+def test_no_clipping_below_the_threshold() -> None:
+    trainer, raw, clipped = _fit(GradientClipping(max_norm=1e6))
+    for before, after in zip(raw.grads, clipped.grads, strict=True):
+        for a, b in zip(after, before, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert trainer.callback_metrics["grad_norm/clipped"] == 0.0
+
+
+class TwoGroups(TinyRegressor):
+    def configure_optimizers(self):
+        return torch.optim.SGD([{"params": self.net[0].parameters()}, {"params": self.net[2].parameters()}], lr=0.5)
+
+
+def test_per_group_thresholds() -> None:
+    _, raw, clipped = _fit(GradientClipping(max_norm=[0.02, 10.0], log_group_norms=True), module=TwoGroups(tiny_net()))
+    for before, after in zip(raw.grads, clipped.grads, strict=True):
+        first, second = before[:2], before[2:]
+        coef = min(1.0, 0.02 / (torch.nn.utils.get_total_norm(first).item() + 1e-6))
+        for a, b in zip(after[:2], first, strict=True):
+            torch.testing.assert_close(a, b * coef)
+        for a, b in zip(after[2:], second, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_value_mode_clamps_elements() -> None:
+    _, raw, clipped = _fit(GradientClipping(max_value=0.01, mode="value"))
+    for before, after in zip(raw.grads, clipped.grads, strict=True):
+        for a, b in zip(after, before, strict=True):
+            torch.testing.assert_close(a, b.clamp(-0.01, 0.01))
+
+
+def test_agc_mode_matches_the_unitwise_rule() -> None:
+    module = TinyRegressor(tiny_net(), lr=0.5)
+    weights = []
+
+    class Weights(StepRecorder):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            weights.append([p.detach().clone() for p in pl_module.parameters()])
+
+    raw, clipped = RawGrads(), StepRecorder()
+    trainer = quiet_trainer(
+        max_steps=3, callbacks=[Weights(), raw, GradientClipping(mode="agc", clip_factor=0.01), clipped]
+    )
+    trainer.fit(module, loader(regression_dataset(64)))
+    for ws, before, after in zip(weights, raw.grads, clipped.grads, strict=True):
+        for w, g, out in zip(ws, before, after, strict=True):
+            rows_w = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(1, -1)
+            rows_g = g.reshape(g.shape[0], -1) if g.ndim > 1 else g.reshape(1, -1)
+            expected = []
+            for rw, rg in zip(rows_w, rows_g, strict=True):
+                limit = 0.01 * max(rw.norm().item(), 1e-3)
+                norm = rg.norm().item()
+                expected.append(rg * min(1.0, limit / max(norm, 1e-6)))
+            torch.testing.assert_close(out, torch.stack(expected).reshape(g.shape))
+
+
+def test_zscore_clips_a_spike_after_warmup() -> None:
+    clipping = GradientClipping(mode="zscore", z=2.0, zscore_warmup=5, ema_decay=0.9)
+    norms = [1.0, 1.1, 0.9, 1.0, 1.05, 1.0, 10.0, 1.0]
+    grads = [torch.nn.Parameter(torch.zeros(4))]
+    coefs = []
+    for norm in norms:
+        grads[0].grad = torch.full((4,), norm / 2.0)  # ‖g‖ = norm
+        coefs.append(clipping._clip_zscore([{"params": grads}], norm))
+    assert coefs[:6] == [1.0] * 6 and coefs[7] == 1.0
+    state = clipping.zscore_state
+    assert 0 < coefs[6] < 0.2 and grads[0].grad.norm().item() == pytest.approx(1.0)
+    assert state["count"] == 8
+
+
+class NanAtStep(TinyRegressor):
+    def __init__(self, bad_step: int) -> None:
+        super().__init__(tiny_net(), lr=0.1)
+        self.bad_step = bad_step
+
+    def on_after_backward(self) -> None:
+        if self.trainer.global_step == self.bad_step:
+            self.net[0].weight.grad[0, 0] = float("nan")
+
+
+def test_nonfinite_error_names_the_parameter() -> None:
+    with pytest.raises(
+        FloatingPointError, match=r"Non-finite gradients in 1 parameter\(s\), first: \['net.0.weight'\]"
+    ):
+        _fit(GradientClipping(max_norm=1.0), module=NanAtStep(bad_step=1))
+
+
+def test_nonfinite_skip_changes_nothing() -> None:
+    module = NanAtStep(bad_step=2)
+    snapshots = []
+
+    class Snapshot(StepRecorder):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            optimizer = trainer.optimizers[0]
+            snapshots.append(
+                ([p.detach().clone() for p in pl_module.parameters()], copy.deepcopy(optimizer.state_dict()["state"]))
+            )
+
+    clipping = GradientClipping(max_norm=1.0, nonfinite="skip")
+    trainer = quiet_trainer(max_steps=4, callbacks=[clipping, Snapshot()])
+    trainer.fit(module, loader(regression_dataset(64)))
+    assert clipping.skipped_steps == 1 and trainer.global_step == 4
+    (params_before, state_before), (params_after, state_after) = snapshots[1], snapshots[2]
+    for a, b in zip(params_before, params_after, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for key in state_before:
+        torch.testing.assert_close(state_before[key]["momentum_buffer"], state_after[key]["momentum_buffer"])
+    assert not torch.equal(snapshots[3][0][0], params_after[0])  # later steps train again
+    assert trainer.callback_metrics["grad_norm/skipped_steps"] == 1.0
+
+
+def test_nonfinite_zero_replaces_entries() -> None:
+    raw_after = StepRecorder()
+    trainer = quiet_trainer(max_steps=3, callbacks=[GradientClipping(max_norm=1e6, nonfinite="zero"), raw_after])
+    trainer.fit(NanAtStep(bad_step=1), loader(regression_dataset(64)))
+    assert raw_after.grads[1][0][0, 0] == 0.0
+    assert all(torch.isfinite(g).all() for step in raw_after.grads for g in step)
+
+
+def test_conflict_with_trainer_gradient_clip_val() -> None:
+    trainer = quiet_trainer(max_steps=1, gradient_clip_val=1.0, callbacks=[GradientClipping(max_norm=1.0)])
+    with pytest.raises(ValueError, match=r"the Trainer also has `gradient_clip_val=1.0`: remove one of the two"):
+        trainer.fit(TinyRegressor(tiny_net()), loader(regression_dataset(16)))
+
+
+def test_per_group_count_must_match() -> None:
+    trainer = quiet_trainer(max_steps=1, callbacks=[GradientClipping(max_norm=[1.0, 2.0, 3.0])])
+    with pytest.raises(ValueError, match=r"`max_norm` has 3 thresholds but the optimizer has 1 param groups"):
+        trainer.fit(TinyRegressor(tiny_net()), loader(regression_dataset(16)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_norm": 0.0}, r"`max_norm` must be > 0 \(a number, or one per param group\), got 0.0"),
+        ({"max_norm": -1.0}, r"`max_norm` must be > 0"),
+        ({"max_norm": [1.0, -2.0]}, r"`max_norm` must be > 0 .*got \[1.0, -2.0\]"),
+        ({"mode": "percentile", "max_norm": 1.0}, r"`mode` must be one of \('norm', 'value', 'agc', 'zscore'\)"),
+        ({"mode": "norm"}, r"`mode='norm'` needs `max_norm`"),
+        ({"mode": "value"}, r"`mode='value'` needs `max_value`"),
+        ({"max_norm": 1.0, "nonfinite": "ignore"}, r"`nonfinite` must be one of \('error', 'skip', 'zero'\)"),
+        ({"max_norm": 1.0, "norm_type": 0}, r"`norm_type` must be > 0"),
+        ({"mode": "zscore", "ema_decay": 1.0}, r"`ema_decay` must lie in \(0, 1\), got 1.0"),
+    ],
+)
+def test_constructor_rejects_invalid_values(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        GradientClipping(**kwargs)
+
+
+# -- DDP: every rank clips with the norm of the averaged gradient ---------------------------------------------------
+
+
+def _ddp_clipped_fit(rank: int, world_size: int) -> dict:
+    module = TinyRegressor(tiny_net(), lr=0.5)
+    clipping, recorder = GradientClipping(max_norm=0.05), StepRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clipping, recorder],
+    )
+    trainer.fit(module, DataLoader(regression_dataset(64), batch_size=4))
+    return {
+        "grads": recorder.grads,
+        "params": [p.detach().clone() for p in module.parameters()],
+        "pre_clip": trainer.callback_metrics["grad_norm/pre_clip"].item(),
+    }
+
+
+@pytest.mark.distributed
+def test_ddp_norm_equals_single_process_norm_of_the_full_batch() -> None:
+    ranks = run_distributed(_ddp_clipped_fit, 2, timeout=180)
+    # single-process reference on the same global batches, clipped by torch
+    dataset = regression_dataset(64)
+    parts = [
+        list(DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, 2, r, shuffle=True, seed=0)))
+        for r in range(2)
+    ]
+    net = tiny_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    for step in range(3):
+        x = torch.cat([parts[0][step][0], parts[1][step][0]])
+        y = torch.cat([parts[0][step][1], parts[1][step][1]])
+        optimizer.zero_grad()
+        F.mse_loss(net(x), y).backward()
+        pre = torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+        for rank in ranks:
+            for g_rank, p in zip(rank["grads"][step], net.parameters(), strict=True):
+                torch.testing.assert_close(g_rank, p.grad)
+        optimizer.step()
+    for rank in ranks:
+        assert rank["pre_clip"] == pytest.approx(pre.item(), rel=1e-5)
+        for a, b in zip(rank["params"], net.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
