@@ -75,9 +75,11 @@ class GradientNoiseScale(Callback):
     data-parallel reduction and accumulation, whenever there are at least two per step (``devices >= 2`` or
     ``accumulate_grad_batches >= 2``). On one device without accumulation the callback runs the module's
     ``training_step`` once more on the first half of the batch on measured steps, with ``self.log`` disabled, and
-    takes its gradient by ``torch.autograd.grad`` (``.grad`` is untouched; ``B_small`` = half the batch): this
-    costs half a step every ``every_n_steps`` steps, and side effects of ``training_step`` other than logging
-    (a metric's ``update``, random numbers drawn) happen once more on those steps.
+    takes its gradient ``g₁`` by ``torch.autograd.grad`` (``.grad`` is untouched); the second half's gradient then
+    follows from the full one, ``g₂ = (n·G − n₁·g₁)/n₂``, and the two are the small gradients (``B_small`` = half
+    the batch). This costs half a step every ``every_n_steps`` steps, and side effects of ``training_step`` other
+    than logging (a metric's ``update``, random numbers drawn) happen once more on those steps. Like every
+    estimator of this kind it assumes a loss that is a mean over the samples of the batch.
 
     Both ``|G|²`` and ``tr(Σ)`` (and, per coordinate, ``g²`` and ``σ²``) are smoothed by a debiased EMA before the
     ratio. Logs ``noise_scale/b_simple``, ``noise_scale/grad_sq``, ``noise_scale/trace_cov``,
@@ -158,7 +160,7 @@ class GradientNoiseScale(Callback):
         if self._squares is not None:
             small_sq, small_vec, b_small, b_big = self._from_micro_batches(params, self._geometry)
         else:
-            small_sq, small_vec, b_small, b_big = self._from_half_batch(pl_module, params)
+            small_sq, small_vec, b_small, b_big = self._from_half_batch(pl_module, params, grads)
         self._update(float(small_sq), float(big_sq), small_vec, big_vec, b_small, b_big)
         self._log(pl_module)
 
@@ -176,23 +178,32 @@ class GradientNoiseScale(Callback):
         return small_sq.sum(), small_vec, float(geometry.per_device), float(geometry.effective)
 
     def _from_half_batch(
-        self, pl_module: L.LightningModule, params: list[torch.nn.Parameter]
+        self, pl_module: L.LightningModule, params: list[torch.nn.Parameter], big: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
+        """Gradient of the first half by an extra ``training_step``; the second half's follows for free from the
+        full-batch gradient, ``g₂ = (n·G − n₁·g₁)/n₂``, so two small gradients are averaged at the cost of one."""
         assert self._batch is not None
         batch, batch_idx = self._batch
         self._batch = None
         size = _batch_length(batch)
-        half = apply_to_collection(batch, torch.Tensor, lambda t: t[: size // 2])
+        n1 = size // 2
+        n2 = size - n1
+        first = apply_to_collection(batch, torch.Tensor, lambda t: t[:n1])
         with _logging_disabled(pl_module), torch.enable_grad():
-            output = pl_module.training_step(half, batch_idx)
+            output = pl_module.training_step(first, batch_idx)
         loss = output["loss"] if isinstance(output, Mapping) else output
         if not isinstance(loss, torch.Tensor):
             raise ValueError("GradientNoiseScale needs `training_step` to return the loss (a tensor or {'loss': ...}).")
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        small = [torch.zeros_like(p) if g is None else g.detach().float() for p, g in zip(params, grads, strict=True)]
-        small_sq = sum(g.pow(2).sum() for g in small)
-        small_vec = torch.cat([g.pow(2).flatten() for g in small]) if self.per_coordinate else None
-        return small_sq, small_vec, float(size // 2), float(size)  # type: ignore[return-value]
+        g1 = [torch.zeros_like(p) if g is None else g.detach().float() for p, g in zip(params, grads, strict=True)]
+        g2 = [(size * gb - n1 * ga) / n2 for ga, gb in zip(g1, big, strict=True)]
+        small_sq = (sum(g.pow(2).sum() for g in g1) + sum(g.pow(2).sum() for g in g2)) / 2
+        small_vec = None
+        if self.per_coordinate:
+            small_vec = (torch.cat([g.pow(2).flatten() for g in g1]) + torch.cat([g.pow(2).flatten() for g in g2])) / 2
+        # the mean of |g_i|² over halves of n1 and n2 samples has the expectation of one batch of their harmonic mean
+        b_small = 2.0 / (1.0 / n1 + 1.0 / n2)
+        return small_sq, small_vec, b_small, float(size)  # type: ignore[return-value]
 
     def _update(
         self,

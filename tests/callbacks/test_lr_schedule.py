@@ -88,22 +88,22 @@ def test_constructor_rejects_invalid_values(kwargs, match) -> None:
 
 
 def test_resume_reproduces_the_uninterrupted_lrs(tmp_path) -> None:
-    def run(max_steps, ckpt_path=None, save=False):
+    def run(max_epochs, ckpt_path=None, save=False):
         L.seed_everything(0)
         recorder = StepRecorder()
         callbacks = [LRSchedule("wsd", warmup_steps=2, total_steps=12, decay_fraction=0.5), recorder]
         if save:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0))
-        trainer = quiet_trainer(max_steps=max_steps, callbacks=callbacks, enable_checkpointing=save)
+        trainer = quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=save)
         module = TwoGroups(tiny_net())
-        # one batch an epoch: what is checked is the callbacks' state, not where Lightning's loop resumes the data
-        trainer.fit(module, loader(regression_dataset(8)), ckpt_path=ckpt_path)
+        # 3 steps an epoch; the interrupted run ends on max_epochs, a clean epoch end for Lightning's loop
+        trainer.fit(module, loader(regression_dataset(24)), ckpt_path=ckpt_path)
         return recorder, [p.detach().clone() for p in module.parameters()]
 
-    full, full_params = run(12)
-    run(5, save=True)
-    resumed, resumed_params = run(12, ckpt_path=tmp_path / "last.ckpt")
-    assert resumed.global_steps == list(range(5, 12))
-    assert resumed.lrs == full.lrs[5:]
+    full, full_params = run(4)
+    run(2, save=True)
+    resumed, resumed_params = run(4, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.global_steps == list(range(6, 12))
+    assert resumed.lrs == full.lrs[6:]
     for a, b in zip(resumed_params, full_params, strict=True):
         torch.testing.assert_close(a, b)

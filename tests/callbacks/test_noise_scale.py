@@ -1,0 +1,110 @@
+"""GradientNoiseScale against a closed-form answer: linear regression with Gaussian inputs.
+
+With x ~ N(0, I_d), y = w*·x + ε (ε ~ N(0, σ²)), loss (w·x − y)² and δ = w − w*, the per-sample gradient is
+2(δ·x − ε)x, so G = 2δ, |G|² = 4|δ|², and by Isserlis' theorem tr Σ = 4((d + 1)|δ|² + dσ²).
+"""
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dl.callbacks import GradientNoiseScale
+from tests.helpers.distributed import run_distributed
+from tests.helpers.models import TinyRegressor
+from tests.helpers.trainer import quiet_trainer
+
+D, SIGMA, DELTA = 64, 1.0, 0.5  # wide enough that one step's estimate is not mostly noise
+
+
+def _truth() -> tuple[float, float]:
+    delta_sq = D * DELTA**2
+    return 4 * delta_sq, 4 * ((D + 1) * delta_sq + D * SIGMA**2)
+
+
+def _data(num_samples: int, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(D, generator=g)
+    x = torch.randn(num_samples, D, generator=g)
+    y = x @ w_star + SIGMA * torch.randn(num_samples, generator=g)
+    return TensorDataset(x, y.unsqueeze(1)), w_star
+
+
+def _module(w_star: torch.Tensor) -> TinyRegressor:
+    net = nn.Linear(D, 1, bias=False)
+    with torch.no_grad():
+        net.weight.copy_((w_star + DELTA).unsqueeze(0))
+    return TinyRegressor(net, lr=0.0)  # the parameters stay where the truth is computed
+
+
+def _check(callback: GradientNoiseScale) -> None:
+    g2, trace = _truth()
+    assert callback.grad_sq.value == pytest.approx(g2, rel=0.15)
+    assert callback.trace.value == pytest.approx(trace, rel=0.15)
+    assert callback.b_simple == pytest.approx(trace / g2, rel=0.15)
+    assert callback.b_star_median is not None and callback.b_star_median > 0
+
+
+@pytest.mark.parametrize(("accumulate", "batch_size"), [(4, 16), (1, 64)], ids=["micro-batches", "half-batch"])
+def test_estimates_within_15_percent_on_one_device(accumulate, batch_size) -> None:
+    steps = 500
+    dataset, w_star = _data(steps * accumulate * batch_size)
+    callback = GradientNoiseScale(every_n_steps=1, ema_decay=0.995)
+    trainer = quiet_trainer(max_steps=steps, accumulate_grad_batches=accumulate, callbacks=[callback])
+    trainer.fit(_module(w_star), DataLoader(dataset, batch_size=batch_size))
+    _check(callback)
+    assert trainer.callback_metrics["noise_scale/b_simple"] == pytest.approx(callback.b_simple)
+    assert trainer.callback_metrics["noise_scale/suggested_batch_size"] == round(callback.b_simple)
+
+
+def test_every_n_steps_measures_only_those_steps() -> None:
+    dataset, w_star = _data(20 * 32)
+    callback = GradientNoiseScale(every_n_steps=5, per_coordinate=False)
+    trainer = quiet_trainer(max_steps=20, accumulate_grad_batches=2, callbacks=[callback])
+    trainer.fit(_module(w_star), DataLoader(dataset, batch_size=16))
+    decay = 0.9
+    assert callback.grad_sq.weight == pytest.approx(1 - decay**4)  # steps 0, 5, 10, 15
+    assert callback.b_star_median is None
+
+
+def _ddp_noise_scale(rank: int, world_size: int) -> tuple:
+    dataset, w_star = _data(400 * 2 * 32)
+    callback = GradientNoiseScale(every_n_steps=1, ema_decay=0.995)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp",
+        max_steps=400,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    trainer.fit(_module(w_star), DataLoader(dataset, batch_size=32))
+    return callback.grad_sq.value, callback.trace.value, callback.b_simple, callback.b_star_median
+
+
+@pytest.mark.distributed
+def test_estimates_within_15_percent_under_ddp() -> None:
+    """The small gradients are each rank's, read before DDP averages them."""
+    results = run_distributed(_ddp_noise_scale, 2, timeout=240)
+    assert results[0] == pytest.approx(results[1])  # every rank holds the same estimate
+    g2, trace, b_simple, _ = results[0]
+    true_g2, true_trace = _truth()
+    assert g2 == pytest.approx(true_g2, rel=0.15) and trace == pytest.approx(true_trace, rel=0.15)
+    assert b_simple == pytest.approx(true_trace / true_g2, rel=0.15)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_steps": 0}, r"`every_n_steps` must be an integer >= 1, got 0"),
+        ({"ema_decay": 1.0}, r"`ema_decay` must lie in \[0, 1\), got 1.0"),
+        ({"batch_size": -4}, r"`batch_size` must be >= 1, got -4"),
+    ],
+)
+def test_constructor_rejects_invalid_values(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        GradientNoiseScale(**kwargs)
