@@ -17,11 +17,12 @@ from typing_extensions import override
 
 @dataclass(frozen=True)
 class Recipe:
-    """One runnable recipe: ``python examples/<script> fit --config examples/<config>``."""
+    """One runnable recipe: ``python examples/<script> fit --config examples/<config>`` for a LightningCLI recipe,
+    ``python examples/<script>`` for one that compares several runs (``config=None``)."""
 
     name: str
     script: str
-    config: str
+    config: str | None
     description: str
 
 
@@ -31,6 +32,12 @@ RECIPES: tuple[Recipe, ...] = (
         "digits.py",
         "configs/digits.yaml",
         "MLP classifier on scikit-learn's 8x8 digits (CPU, under a minute, >= 0.95 test accuracy)",
+    ),
+    Recipe(
+        "large-batch",
+        "large_batch.py",
+        None,
+        "the linear scaling rule on digits: batch 32 vs 256 without scaling, scaled, scaled with warmup",
     ),
 )
 
@@ -58,6 +65,8 @@ def find_recipe(name: str) -> Recipe:
 def recipe_command(recipe: Recipe, extra_args: list[str]) -> list[str]:
     """The command line that runs ``recipe``: the example script's LightningCLI ``fit`` with its config."""
     root = examples_dir()
+    if recipe.config is None:
+        return [sys.executable, str(root / recipe.script), *extra_args]
     return [sys.executable, str(root / recipe.script), "fit", "--config", str(root / recipe.config), *extra_args]
 
 

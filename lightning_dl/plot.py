@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 def read_metrics(csv_path: str | Path) -> dict[str, list[tuple[float, float]]]:
@@ -66,6 +68,60 @@ def plot_metrics(csv_path: str | Path, png_path: str | Path, *, title: str | Non
             ax.legend()
     if title:
         fig.suptitle(title)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def plot_schedule(
+    schedules: Mapping[str, Any],
+    png_path: str | Path,
+    *,
+    total_steps: int,
+    base_lr: float = 1.0,
+    title: str | None = None,
+) -> Path:
+    """Draw learning-rate schedules against the optimizer step to ``png_path``; returns the path.
+
+    ``schedules`` maps a label to an ``LRSchedule`` (drawn over ``total_steps`` unless it has its own) or to any
+    function of the step that returns the factor.
+
+    Example::
+
+        >>> import tempfile
+        >>> from lightning_dl.callbacks import LRSchedule
+        >>> path = plot_schedule(
+        ...     {"cosine": LRSchedule("cosine", warmup_steps=10), "wsd": LRSchedule("wsd", warmup_steps=10)},
+        ...     Path(tempfile.mkdtemp()) / "schedules.png", total_steps=100)
+        >>> path.stat().st_size > 0
+        True
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    steps = list(range(total_steps + 1))
+    for label, schedule in schedules.items():
+        if hasattr(schedule, "factor"):
+            original = schedule.total_steps
+            schedule.total_steps = original or total_steps
+            try:
+                values = [base_lr * schedule.factor(s) for s in steps]
+            finally:
+                schedule.total_steps = original
+        else:
+            values = [base_lr * schedule(s) for s in steps]
+        ax.plot(steps, values, label=label, lw=1.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate" if base_lr != 1.0 else "LR factor")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=120)

@@ -15,9 +15,11 @@ from typing_extensions import override
 
 from lightning_dl.nn import MLP
 
+OPTIMIZERS = ("adamw", "sgd")
+
 
 class ClassifierModule(L.LightningModule):
-    """Classify feature vectors with an :class:`~lightning_dl.nn.MLP` trained by AdamW.
+    """Classify feature vectors with an :class:`~lightning_dl.nn.MLP` trained by AdamW or SGD with momentum.
 
     Logs ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss`` and ``test_acc`` (accuracy by
     torchmetrics, accumulated over the epoch).
@@ -29,7 +31,10 @@ class ClassifierModule(L.LightningModule):
         activation: activation of the hidden layers.
         dropout: dropout after each hidden activation.
         lr: learning rate.
-        weight_decay: decoupled weight decay, applied to weights only (parameters with ``ndim >= 2``).
+        weight_decay: weight decay, applied to weights only (parameters with ``ndim >= 2``): decoupled for AdamW,
+            L2 for SGD.
+        optimizer: ``adamw`` or ``sgd`` (heavy-ball momentum).
+        momentum: SGD's momentum.
 
     Example::
 
@@ -47,6 +52,8 @@ class ClassifierModule(L.LightningModule):
         dropout: float = 0.1,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -55,10 +62,16 @@ class ClassifierModule(L.LightningModule):
             raise ValueError(f"`lr` must be > 0, got {lr!r}.")
         if weight_decay < 0:
             raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}.")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"`momentum` must lie in [0, 1), got {momentum!r}.")
         self.save_hyperparameters()
         self.net = MLP(num_features, list(hidden_sizes), num_classes, activation=activation, dropout=dropout)
         self.lr = lr
         self.weight_decay = weight_decay
+        self.optimizer_name = optimizer
+        self.momentum = momentum
         self.accuracy = nn.ModuleDict(
             {
                 f"{stage}_acc": MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -98,4 +111,6 @@ class ClassifierModule(L.LightningModule):
         decay = [p for p in self.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
         return torch.optim.AdamW(groups, lr=self.lr)

@@ -108,3 +108,60 @@ def test_adascale_needs_two_gradients_per_step() -> None:
 def test_constructor_rejects_invalid_values(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         BatchSizeScaling(**kwargs)
+
+
+def _ddp_adascale(rank: int, world_size: int) -> dict:
+    import lightning as L
+
+    scaling, recorder = BatchSizeScaling(reference_batch_size=4, rule="adascale"), StepRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[scaling, recorder],
+    )
+    module = TinyRegressor(tiny_net(), lr=0.1)
+    trainer.fit(module, loader(regression_dataset(96), batch_size=8))
+    return {
+        "effective": scaling.geometry.effective,
+        "k": scaling.k,
+        "lrs": [s[0] for s in recorder.lrs],
+        "params": [p.detach().clone() for p in module.parameters()],
+    }
+
+
+@pytest.mark.distributed
+def test_adascale_under_ddp_equals_fairscale_on_the_rank_batches() -> None:
+    """Each rank's gradient is a small gradient (read before DDP averages them)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from tests.helpers.distributed import run_distributed
+
+    ranks = run_distributed(_ddp_adascale, 2, timeout=180)
+    assert ranks[0]["effective"] == 16 and ranks[0]["k"] == 4.0
+    dataset = regression_dataset(96)
+    parts = [
+        list(DataLoader(dataset, batch_size=8, sampler=DistributedSampler(dataset, 2, r, shuffle=True, seed=0)))
+        for r in range(2)
+    ]
+    net = tiny_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    ada = AdaScale(optimizer, num_gradients_to_accumulate=2, scale=4.0, is_scaled_loss=True)
+    expected_lrs = []
+    for step in range(4):
+        for rank in range(2):
+            x, y = parts[rank][step]
+            (F.mse_loss(net(x), y) / 2).backward()
+        expected_lrs.append(0.1 * ada.gain(pg_idx=0))
+        ada.step()
+        ada.zero_grad()
+    ada.unhook()
+    for result in ranks:
+        assert result["lrs"] == pytest.approx(expected_lrs, abs=1e-6)
+        for ours, theirs in zip(result["params"], net.parameters(), strict=True):
+            torch.testing.assert_close(ours, theirs)

@@ -63,8 +63,17 @@ def test_no_weight_decay_on_biases() -> None:
         ({"num_classes": 1}, "`num_classes` must be >= 2, got 1"),
         ({"lr": 0.0}, "`lr` must be > 0, got 0.0"),
         ({"weight_decay": -1e-4}, "`weight_decay` must be >= 0, got -0.0001"),
+        ({"optimizer": "lbfgs"}, r"`optimizer` must be one of \('adamw', 'sgd'\), got 'lbfgs'"),
+        ({"momentum": 1.0}, r"`momentum` must lie in \[0, 1\), got 1.0"),
     ],
 )
 def test_rejects_invalid_values(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         ClassifierModule(**kwargs)
+
+
+def test_sgd_option() -> None:
+    optimizer = ClassifierModule(optimizer="sgd", lr=0.05, momentum=0.8, weight_decay=0.01).configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["momentum"] == 0.8 and optimizer.param_groups[0]["lr"] == 0.05
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
