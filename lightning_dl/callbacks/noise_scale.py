@@ -88,7 +88,9 @@ class GradientNoiseScale(Callback):
     Args:
         every_n_steps: measure on optimizer steps divisible by this.
         ema_decay: decay of the EMAs, in [0, 1).
-        per_coordinate: also estimate McAllester's per-coordinate B* (keeps two extra copies of the parameters).
+        per_coordinate: also estimate McAllester's per-coordinate B*, on ``coordinate_sample`` coordinates drawn
+            once at random (seed 0; all of them when the model has fewer), which bounds its time and memory.
+        coordinate_sample: how many coordinates the per-coordinate estimate follows.
         batch_size: per-device batch size when the train DataLoader does not say.
         suggest_batch_size: log ``B_simple`` rounded as a suggested effective batch size.
 
@@ -101,10 +103,11 @@ class GradientNoiseScale(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 10,
+        every_n_steps: int = 25,
         ema_decay: float = 0.9,
         *,
         per_coordinate: bool = True,
+        coordinate_sample: int = 65536,
         batch_size: int | None = None,
         suggest_batch_size: bool = True,
     ) -> None:
@@ -114,8 +117,12 @@ class GradientNoiseScale(Callback):
             raise ValueError(f"`ema_decay` must lie in [0, 1), got {ema_decay!r}.")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size!r}.")
+        if coordinate_sample < 1:
+            raise ValueError(f"`coordinate_sample` must be >= 1, got {coordinate_sample!r}.")
         self.every_n_steps = every_n_steps
         self.per_coordinate = per_coordinate
+        self.coordinate_sample = coordinate_sample
+        self._coordinates: dict[int, torch.Tensor] | None = None
         self.batch_size = batch_size
         self.suggest_batch_size = suggest_batch_size
         self.grad_sq, self.trace = _Ema(ema_decay), _Ema(ema_decay)
@@ -129,6 +136,36 @@ class GradientNoiseScale(Callback):
     def _params(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
         return [p for p in pl_module.parameters() if p.requires_grad]
 
+    def _coordinates_of(self, params: list[torch.nn.Parameter]) -> dict[int, torch.Tensor] | None:
+        """Flat indices, per ``id(param)``, of the coordinates the per-coordinate estimate follows."""
+        if not self.per_coordinate:
+            return None
+        if self._coordinates is None:
+            sizes = [p.numel() for p in params]
+            total = sum(sizes)
+            if total <= self.coordinate_sample:
+                chosen = torch.arange(total)
+            else:
+                generator = torch.Generator().manual_seed(0)
+                chosen = torch.randperm(total, generator=generator)[: self.coordinate_sample].sort().values
+            self._coordinates, offset = {}, 0
+            for p, size in zip(params, sizes, strict=True):
+                mine = chosen[(chosen >= offset) & (chosen < offset + size)] - offset
+                if len(mine):
+                    self._coordinates[id(p)] = mine.to(p.device)
+                offset += size
+        return self._coordinates
+
+    def _pick(self, tensors: list[torch.Tensor], params: list[torch.nn.Parameter]) -> torch.Tensor:
+        assert self._coordinates is not None
+        return torch.cat(
+            [
+                t.flatten()[self._coordinates[id(p)]]
+                for t, p in zip(tensors, params, strict=True)
+                if id(p) in self._coordinates
+            ]
+        )
+
     def _measuring(self, trainer: L.Trainer) -> bool:
         return trainer.global_step % self.every_n_steps == 0
 
@@ -141,7 +178,8 @@ class GradientNoiseScale(Callback):
         self._geometry = geometry = batch_geometry(trainer, self.batch_size)
         if geometry.num_small >= 2:
             if self._squares is None:
-                self._squares = MicroBatchGradSquares([self._params(pl_module)], elementwise=self.per_coordinate)
+                params = self._params(pl_module)
+                self._squares = MicroBatchGradSquares([params], coordinates=self._coordinates_of(params))
         else:
             if _batch_length(batch) < 2:
                 raise ValueError("GradientNoiseScale on one device needs batches of at least 2 samples to split.")
@@ -155,8 +193,8 @@ class GradientNoiseScale(Callback):
         grads = [
             p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32) for p in params
         ]
-        big_sq = sum(g.pow(2).sum() for g in grads)
-        big_vec = torch.cat([g.flatten() for g in grads]) if self.per_coordinate else None
+        big_sq = torch.stack(torch._foreach_norm(grads)).pow(2).sum()
+        big_vec = self._pick(grads, params) if self._coordinates_of(params) is not None else None
         if self._squares is not None:
             small_sq, small_vec, b_small, b_big = self._from_micro_batches(params, self._geometry)
         else:
@@ -196,14 +234,19 @@ class GradientNoiseScale(Callback):
             raise ValueError("GradientNoiseScale needs `training_step` to return the loss (a tensor or {'loss': ...}).")
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         g1 = [torch.zeros_like(p) if g is None else g.detach().float() for p, g in zip(params, grads, strict=True)]
-        g2 = [(size * gb - n1 * ga) / n2 for ga, gb in zip(g1, big, strict=True)]
-        small_sq = (sum(g.pow(2).sum() for g in g1) + sum(g.pow(2).sum() for g in g2)) / 2
+        # |g₂|² without forming g₂: (n²|G|² − 2 n n₁ G·g₁ + n₁²|g₁|²) / n₂²
+        g1_sq = torch.stack(torch._foreach_norm(g1)).pow(2).sum()
+        big_sq = torch.stack(torch._foreach_norm(big)).pow(2).sum()
+        dot = sum((ga * gb).sum() for ga, gb in zip(g1, big, strict=True))
+        g2_sq = (size**2 * big_sq - 2 * size * n1 * dot + n1**2 * g1_sq) / n2**2
+        small_sq = (g1_sq + g2_sq) / 2
         small_vec = None
-        if self.per_coordinate:
-            small_vec = (torch.cat([g.pow(2).flatten() for g in g1]) + torch.cat([g.pow(2).flatten() for g in g2])) / 2
+        if self._coordinates_of(params) is not None:
+            a, b = self._pick(g1, params), self._pick(big, params)
+            small_vec = (a.pow(2) + ((size * b - n1 * a) / n2).pow(2)) / 2
         # the mean of |g_i|² over halves of n1 and n2 samples has the expectation of one batch of their harmonic mean
         b_small = 2.0 / (1.0 / n1 + 1.0 / n2)
-        return small_sq, small_vec, b_small, float(size)  # type: ignore[return-value]
+        return small_sq, small_vec, b_small, float(size)
 
     def _update(
         self,

@@ -7,7 +7,7 @@ gradient, which AdaScale and the gradient-noise scale compare with the norm of t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -93,10 +93,15 @@ class MicroBatchGradSquares:
         >>> squares.remove()
     """
 
-    def __init__(self, param_groups: Sequence[Sequence[torch.Tensor]], *, elementwise: bool = False) -> None:
+    def __init__(
+        self,
+        param_groups: Sequence[Sequence[torch.Tensor]],
+        *,
+        coordinates: Mapping[int, torch.Tensor] | None = None,
+    ) -> None:
         self._num_groups = len(param_groups)
         self._sums: torch.Tensor | None = None
-        self.elementwise = elementwise
+        self.coordinates = coordinates
         self._elementwise: dict[int, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = [
             p.register_hook(partial(self._hook, index, id(p)))
@@ -110,11 +115,12 @@ class MicroBatchGradSquares:
         if self._sums is None:
             self._sums = torch.zeros(self._num_groups, device=grad.device)
         self._sums[index] += square.sum()
-        if self.elementwise:
+        if self.coordinates is not None and key in self.coordinates:
+            picked = square.flatten()[self.coordinates[key]]
             if key in self._elementwise:
-                self._elementwise[key] += square
+                self._elementwise[key] += picked
             else:
-                self._elementwise[key] = square
+                self._elementwise[key] = picked
 
     def pop(self) -> torch.Tensor | None:
         """The sums since the last ``pop`` (one entry per group), or None when no backward ran; then reset."""
@@ -122,12 +128,17 @@ class MicroBatchGradSquares:
         return sums
 
     def pop_elementwise(self, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """With ``elementwise=True``: ``Σ_i g_i²`` per coordinate, flattened in the order of ``params`` (zeros for a
-        parameter that got no gradient), or None when no backward ran; then reset."""
-        if not self._elementwise:
+        """With ``coordinates`` (flat indices per ``id(param)``): ``Σ_i g_i²`` at those coordinates, concatenated in
+        the order of ``params`` (zeros for a parameter that got no gradient), or None when no backward ran; then
+        reset."""
+        if not self._elementwise or self.coordinates is None:
             return None
         device = next(iter(self._elementwise.values())).device
-        parts = [self._elementwise.get(id(p), torch.zeros(p.shape, device=device)).flatten() for p in params]
+        parts = [
+            self._elementwise.get(id(p), torch.zeros(len(self.coordinates[id(p)]), device=device))
+            for p in params
+            if id(p) in self.coordinates
+        ]
         self._elementwise = {}
         return torch.cat(parts)
 

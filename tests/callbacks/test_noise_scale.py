@@ -1,7 +1,8 @@
 """GradientNoiseScale against a closed-form answer: linear regression with Gaussian inputs.
 
 With x ~ N(0, I_d), y = w*·x + ε (ε ~ N(0, σ²)), loss (w·x − y)² and δ = w − w*, the per-sample gradient is
-2(δ·x − ε)x, so G = 2δ, |G|² = 4|δ|², and by Isserlis' theorem tr Σ = 4((d + 1)|δ|² + dσ²).
+2(δ·x − ε)x, so G = 2δ, |G|² = 4|δ|², and by Isserlis' theorem tr Σ = 4((d + 1)|δ|² + dσ²). Per coordinate,
+σ_j² = 4(|δ|² + δ_j² + σ²) and g_j² = 4δ_j², so McAllester's B*_j = 16 σ_j² / g_j².
 """
 
 import lightning as L
@@ -38,12 +39,16 @@ def _module(w_star: torch.Tensor) -> TinyRegressor:
     return TinyRegressor(net, lr=0.0)  # the parameters stay where the truth is computed
 
 
+def _b_star() -> float:
+    return 16 * (D * DELTA**2 + DELTA**2 + SIGMA**2) / DELTA**2  # the same for every coordinate: 1104
+
+
 def _check(callback: GradientNoiseScale) -> None:
     g2, trace = _truth()
     assert callback.grad_sq.value == pytest.approx(g2, rel=0.15)
     assert callback.trace.value == pytest.approx(trace, rel=0.15)
     assert callback.b_simple == pytest.approx(trace / g2, rel=0.15)
-    assert callback.b_star_median is not None and callback.b_star_median > 0
+    assert callback.b_star_median == pytest.approx(_b_star(), rel=0.15)
 
 
 @pytest.mark.parametrize(("accumulate", "batch_size"), [(4, 16), (1, 64)], ids=["micro-batches", "half-batch"])
@@ -56,6 +61,15 @@ def test_estimates_within_15_percent_on_one_device(accumulate, batch_size) -> No
     _check(callback)
     assert trainer.callback_metrics["noise_scale/b_simple"] == pytest.approx(callback.b_simple)
     assert trainer.callback_metrics["noise_scale/suggested_batch_size"] == round(callback.b_simple)
+
+
+def test_per_coordinate_estimate_on_a_sample_of_coordinates() -> None:
+    dataset, w_star = _data(500 * 64)
+    callback = GradientNoiseScale(every_n_steps=1, ema_decay=0.995, coordinate_sample=16)
+    trainer = quiet_trainer(max_steps=500, accumulate_grad_batches=4, callbacks=[callback])
+    trainer.fit(_module(w_star), DataLoader(dataset, batch_size=16))
+    assert callback.coord_grad_sq.value.shape == (16,)
+    assert callback.b_star_median == pytest.approx(_b_star(), rel=0.15)
 
 
 def test_every_n_steps_measures_only_those_steps() -> None:
@@ -103,6 +117,7 @@ def test_estimates_within_15_percent_under_ddp() -> None:
         ({"every_n_steps": 0}, r"`every_n_steps` must be an integer >= 1, got 0"),
         ({"ema_decay": 1.0}, r"`ema_decay` must lie in \[0, 1\), got 1.0"),
         ({"batch_size": -4}, r"`batch_size` must be >= 1, got -4"),
+        ({"coordinate_sample": 0}, r"`coordinate_sample` must be >= 1, got 0"),
     ],
 )
 def test_constructor_rejects_invalid_values(kwargs, match) -> None:

@@ -59,7 +59,7 @@ def test_distributed_norm_equals_single_process_norm(layout) -> None:
 
 def test_micro_batch_squares_sum_each_backward_and_group() -> None:
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
-    squares = MicroBatchGradSquares([[a], [b]], elementwise=True)
+    squares = MicroBatchGradSquares([[a], [b]], coordinates={id(a): torch.arange(3), id(b): torch.tensor([0, 1])})
     inputs = [
         (torch.tensor([1.0, 2.0, 0.0]), torch.tensor([3.0, 0.0])),
         (torch.tensor([0.0, 1.0, 1.0]), torch.tensor([1.0, 1.0])),

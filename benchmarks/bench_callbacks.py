@@ -1,0 +1,149 @@
+"""Step time of a ~9.4M-parameter MLP under plain Lightning, Lightning's ``gradient_clip_val``, our
+``GradientClipping``, and all four callbacks together (noise scale at its default ``every_n_steps=25`` and at every
+step), side by side in one process. Contenders run interleaved over several rounds so that drift of a shared
+machine hits them alike; the figure is the mean time per optimizer step (amortising work done every n steps).
+
+    python benchmarks/bench_callbacks.py [--steps 60] [--rounds 3]
+
+Prints ratios (ours / reference) and absolute figures; writes benchmarks/results/callbacks.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dl.callbacks import BatchSizeScaling, GradientClipping, GradientNoiseScale, LRSchedule
+from lightning_dl.nn import MLP
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class Model(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP(512, [2048, 2048, 2048], 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+class StepTimer(Callback):
+    """Wall time of every optimizer step, batch start to batch end."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self._start)
+
+
+CONTENDERS = {
+    "plain Lightning": (dict(), lambda: []),
+    "Lightning gradient_clip_val": (dict(gradient_clip_val=1.0), lambda: []),
+    "GradientClipping": (dict(), lambda: [GradientClipping(max_norm=1.0)]),
+    "all four (noise scale every 25)": (dict(), lambda: [
+        GradientClipping(max_norm=1.0), LRSchedule("cosine", warmup_steps=10),
+        BatchSizeScaling(reference_batch_size=32, rule="linear"), GradientNoiseScale()]),
+    "all four (noise scale every step)": (dict(), lambda: [
+        GradientClipping(max_norm=1.0), LRSchedule("cosine", warmup_steps=10),
+        BatchSizeScaling(reference_batch_size=32, rule="linear"), GradientNoiseScale(every_n_steps=1)]),
+}
+RATIOS = [  # (ours, reference, goal)
+    ("GradientClipping", "Lightning gradient_clip_val", 1.0),
+    ("all four (noise scale every 25)", "plain Lightning", 1.03),
+    ("all four (noise scale every step)", "plain Lightning", None),
+]
+
+
+def time_contender(name: str, steps: int, warmup: int, data: TensorDataset) -> float:
+    trainer_kwargs, make_callbacks = CONTENDERS[name]
+    torch.manual_seed(0)
+    timer = StepTimer()
+    trainer = L.Trainer(accelerator="cpu", max_steps=warmup + steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[*make_callbacks(), timer], **trainer_kwargs)
+    trainer.fit(Model(), DataLoader(data, batch_size=64, shuffle=True))
+    return statistics.fmean(timer.times[warmup:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round counts")
+    args = parser.parse_args()
+    generator = torch.Generator().manual_seed(0)
+    n = 64 * (args.steps + args.warmup)
+    data = TensorDataset(torch.randn(n, 512, generator=generator), torch.randint(0, 10, (n,), generator=generator))
+    params = sum(p.numel() for p in Model().parameters())
+
+    rounds: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    for r in range(args.rounds):
+        for name in CONTENDERS:
+            rounds[name].append(time_contender(name, args.steps, args.warmup, data))
+            print(f"round {r + 1}/{args.rounds}  {name:<36} {1e3 * rounds[name][-1]:8.2f} ms/step", flush=True)
+    step_ms = {name: 1e3 * statistics.median(times) for name, times in rounds.items()}
+    ratios = [{"ours": ours, "reference": ref, "ratio": step_ms[ours] / step_ms[ref], "goal": goal}
+              for ours, ref, goal in RATIOS]
+
+    environment = {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
+                   "machine": platform.machine(), "processor": platform.processor() or "unknown",
+                   "cpu_threads": torch.get_num_threads(), "device": "cpu"}
+    print(f"\n{params / 1e6:.1f}M-parameter MLP, batch 64, AdamW, {args.steps} timed steps x {args.rounds} rounds, "
+          f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} CPU threads")
+    for name, ms in step_ms.items():
+        print(f"  {name:<36} {ms:8.2f} ms/step")
+    for row in ratios:
+        goal = f" (goal <= {row['goal']:.2f}x)" if row["goal"] else ""
+        print(f"  {row['ours']} / {row['reference']}: {row['ratio']:.3f}x{goal}")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"parameters": params, "batch_size": 64, "args": vars(args), "step_ms": step_ms,
+               "rounds_ms": {k: [1e3 * t for t in v] for k, v in rounds.items()}, "ratios": ratios,
+               "environment": environment}
+    (RESULTS / "callbacks.json").write_text(json.dumps(payload, indent=2))
+    plot(step_ms, ratios, RESULTS / "callbacks.png", environment)
+    print(f"\nwrote {RESULTS / 'callbacks.json'} and {RESULTS / 'callbacks.png'}")
+
+
+def plot(step_ms: dict[str, float], ratios: list[dict], path: Path, environment: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.8), constrained_layout=True)
+    names = list(step_ms)
+    ax.barh(names, [step_ms[n] for n in names], color=["#888", "#888", "#1f77b4", "#2ca02c", "#d62728"])
+    base = step_ms["plain Lightning"]
+    for i, name in enumerate(names):
+        ax.text(step_ms[name], i, f" {step_ms[name]:.1f} ms ({step_ms[name] / base:.3f}x plain)", va="center")
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(step_ms.values()) * 1.45)
+    ax.set_xlabel("mean time per optimizer step (ms)")
+    ax.set_title(f"9.4M-param MLP on {environment['cpu_threads']} CPU threads, torch {environment['torch']}, "
+                 f"lightning {environment['lightning']}", fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
