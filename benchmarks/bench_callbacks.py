@@ -1,7 +1,8 @@
 """Step time of a ~9.4M-parameter MLP under plain Lightning, Lightning's ``gradient_clip_val``, our
 ``GradientClipping``, and all four callbacks together (noise scale at its default ``every_n_steps=25`` and at every
 step), side by side in one process. Contenders run interleaved over several rounds so that drift of a shared
-machine hits them alike; the figure is the mean time per optimizer step (amortising work done every n steps).
+machine hits them alike; the figure is the mean time per optimizer step (amortising work done every n steps); a ratio is the median over
+rounds of the ratio within a round.
 
     python benchmarks/bench_callbacks.py [--steps 60] [--rounds 3]
 
@@ -86,23 +87,28 @@ def time_contender(name: str, steps: int, warmup: int, data: TensorDataset) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="timed optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round counts")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (order rotated each round)")
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
     n = 64 * (args.steps + args.warmup)
     data = TensorDataset(torch.randn(n, 512, generator=generator), torch.randint(0, 10, (n,), generator=generator))
     params = sum(p.numel() for p in Model().parameters())
 
-    rounds: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    names = list(CONTENDERS)
+    rounds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
-        for name in CONTENDERS:
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: nobody always goes first
             rounds[name].append(time_contender(name, args.steps, args.warmup, data))
             print(f"round {r + 1}/{args.rounds}  {name:<36} {1e3 * rounds[name][-1]:8.2f} ms/step", flush=True)
     step_ms = {name: 1e3 * statistics.median(times) for name, times in rounds.items()}
-    ratios = [{"ours": ours, "reference": ref, "ratio": step_ms[ours] / step_ms[ref], "goal": goal}
-              for ours, ref, goal in RATIOS]
+    # paired within each round, then the median over rounds: robust to the machine drifting between rounds
+    ratios = []
+    for ours, ref, goal in RATIOS:
+        paired = sorted(a / b for a, b in zip(rounds[ours], rounds[ref], strict=True))
+        ratios.append({"ours": ours, "reference": ref, "ratio": statistics.median(paired), "goal": goal,
+                       "ratio_min": paired[0], "ratio_max": paired[-1]})
 
     environment = {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
                    "machine": platform.machine(), "processor": platform.processor() or "unknown",
@@ -113,7 +119,8 @@ def main() -> None:
         print(f"  {name:<36} {ms:8.2f} ms/step")
     for row in ratios:
         goal = f" (goal <= {row['goal']:.2f}x)" if row["goal"] else ""
-        print(f"  {row['ours']} / {row['reference']}: {row['ratio']:.3f}x{goal}")
+        print(f"  {row['ours']} / {row['reference']}: {row['ratio']:.3f}x{goal}  "
+              f"[rounds {row['ratio_min']:.3f} .. {row['ratio_max']:.3f}]")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"parameters": params, "batch_size": 64, "args": vars(args), "step_ms": step_ms,

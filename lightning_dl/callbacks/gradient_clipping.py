@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_dl.callbacks._logging import log_step
+from lightning_dl.callbacks._logging import log_step, should_log
 from lightning_dl.parallel.grad_norm import combine_norms, total_norm
 
 MODES = ("norm", "value", "agc", "zscore")
@@ -52,7 +52,8 @@ class GradientClipping(Callback):
     skips are counted in ``skipped_steps`` and logged); ``"zero"`` replaces non-finite entries by 0.
 
     Logs ``grad_norm/pre_clip``, ``grad_norm/post_clip`` and ``grad_norm/clipped`` (1.0 when clipping changed the
-    gradients), plus ``grad_norm/pg<i>`` with ``log_group_norms=True``. One host synchronisation per step.
+    gradients), plus ``grad_norm/pg<i>`` with ``log_group_norms=True``, on the steps Lightning writes logs
+    (``log_every_n_steps``). One host synchronisation per step.
 
     Example::
 
@@ -144,7 +145,7 @@ class GradientClipping(Callback):
             group_norms = self._group_norms(optimizer, group_handle)
             pre = combine_norms(group_norms, self.norm_type)
         clipped, post_norms = self._clip(optimizer, group_norms, pre)
-        if self.log_norm:
+        if self.log_norm and should_log(trainer):
             if post_norms is None:  # value and agc clipping: measure again
                 post_norms = self._group_norms(optimizer, group_handle)
             post = combine_norms(post_norms, self.norm_type)

@@ -53,7 +53,8 @@ class LRSchedule(Callback):
         warmup_start_ratio: factor at step 0 of the warmup.
         total_steps: length of the schedule; ``None`` takes ``trainer.estimated_stepping_batches``.
         field: ``lr`` (default), ``weight_decay`` or ``momentum`` (``betas[0]`` for Adam).
-        log: log the value of each group as ``<field>`` (one group) or ``<field>/pg<i>``.
+        log: log the value of each group as ``<field>`` (one group) or ``<field>/pg<i>`` on the steps Lightning
+            writes logs (``log_every_n_steps``).
         **shape_kwargs: the shape's own parameters, e.g. ``min_lr_ratio``, ``num_cycles``, ``decay_fraction``,
             ``milestones``.
 

@@ -13,7 +13,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_dl.callbacks._logging import log_step
+from lightning_dl.callbacks._logging import log_step, should_log
 from lightning_dl.callbacks.batch_size_scaling import BatchGeometry, batch_geometry, reduce_sum
 from lightning_dl.parallel.grad_norm import MicroBatchGradSquares
 from lightning_dl.scaling import noise_scale_sample
@@ -82,14 +82,15 @@ class GradientNoiseScale(Callback):
     estimator of this kind it assumes a loss that is a mean over the samples of the batch.
 
     Both ``|G|²`` and ``tr(Σ)`` (and, per coordinate, ``g²`` and ``σ²``) are smoothed by a debiased EMA before the
-    ratio. Logs ``noise_scale/b_simple``, ``noise_scale/grad_sq``, ``noise_scale/trace_cov``,
+    ratio. On the steps Lightning writes logs (``log_every_n_steps``) it logs the current ``noise_scale/b_simple``,
+    ``noise_scale/grad_sq``, ``noise_scale/trace_cov``,
     ``noise_scale/b_star_median`` and, with ``suggest_batch_size``, ``noise_scale/suggested_batch_size``.
 
     Args:
         every_n_steps: measure on optimizer steps divisible by this.
         ema_decay: decay of the EMAs, in [0, 1).
-        per_coordinate: also estimate McAllester's per-coordinate B*, on ``coordinate_sample`` coordinates drawn
-            once at random (seed 0; all of them when the model has fewer), which bounds its time and memory.
+        per_coordinate: also estimate McAllester's per-coordinate B*, on about ``coordinate_sample`` coordinates
+            drawn once at random (seed 0; all of them when the model has fewer), which bounds its time and memory.
         coordinate_sample: how many coordinates the per-coordinate estimate follows.
         batch_size: per-device batch size when the train DataLoader does not say.
         suggest_batch_size: log ``B_simple`` rounded as a suggested effective batch size.
@@ -146,8 +147,9 @@ class GradientNoiseScale(Callback):
             if total <= self.coordinate_sample:
                 chosen = torch.arange(total)
             else:
+                # with replacement, then unique: ~coordinate_sample coordinates, at a fraction of randperm's cost
                 generator = torch.Generator().manual_seed(0)
-                chosen = torch.randperm(total, generator=generator)[: self.coordinate_sample].sort().values
+                chosen = torch.randint(total, (self.coordinate_sample,), generator=generator).unique()
             self._coordinates, offset = {}, 0
             for p, size in zip(params, sizes, strict=True):
                 mine = chosen[(chosen >= offset) & (chosen < offset + size)] - offset
@@ -187,8 +189,13 @@ class GradientNoiseScale(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
-        if not self._measuring(trainer) or self._geometry is None:
-            return
+        if self._measuring(trainer) and self._geometry is not None:
+            self._measure(pl_module)
+        if self.grad_sq.value is not None and should_log(trainer):
+            self._log(pl_module)
+
+    def _measure(self, pl_module: L.LightningModule) -> None:
+        assert self._geometry is not None
         params = self._params(pl_module)
         grads = [
             p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32) for p in params
@@ -200,7 +207,6 @@ class GradientNoiseScale(Callback):
         else:
             small_sq, small_vec, b_small, b_big = self._from_half_batch(pl_module, params, grads)
         self._update(float(small_sq), float(big_sq), small_vec, big_vec, b_small, b_big)
-        self._log(pl_module)
 
     def _from_micro_batches(
         self, params: list[torch.nn.Parameter], geometry: BatchGeometry

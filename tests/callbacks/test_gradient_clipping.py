@@ -204,6 +204,7 @@ def _ddp_clipped_fit(rank: int, world_size: int) -> dict:
         devices=world_size,
         strategy="ddp",
         max_steps=3,
+        log_every_n_steps=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

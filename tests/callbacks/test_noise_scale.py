@@ -68,7 +68,7 @@ def test_per_coordinate_estimate_on_a_sample_of_coordinates() -> None:
     callback = GradientNoiseScale(every_n_steps=1, ema_decay=0.995, coordinate_sample=16)
     trainer = quiet_trainer(max_steps=500, accumulate_grad_batches=4, callbacks=[callback])
     trainer.fit(_module(w_star), DataLoader(dataset, batch_size=16))
-    assert callback.coord_grad_sq.value.shape == (16,)
+    assert 8 <= callback.coord_grad_sq.value.numel() <= 16  # drawn with replacement, then unique
     assert callback.b_star_median == pytest.approx(_b_star(), rel=0.15)
 
 

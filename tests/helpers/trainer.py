@@ -36,6 +36,7 @@ def quiet_trainer(**kwargs) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        log_every_n_steps=1,  # the callbacks log on logging steps only: every step here
     )
     return L.Trainer(**(defaults | kwargs))
 
