@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # torch is installed first and exactly: pip then takes the CPU wheel; any other version pulls CUDA packages.
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-fast lint install install-dev clean
+.PHONY: demo test test-fast lint bench figures install install-dev clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/lightning-dl run digits
@@ -18,8 +18,14 @@ test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -m "not slow"
 
 lint: $(VENV)/.installed-dev
-	$(PY) -m ruff check lightning_dl tests examples
+	$(PY) -m ruff check lightning_dl tests examples benchmarks docs
 	$(PY) -m mypy lightning_dl
+
+bench: $(VENV)/.installed-dev
+	$(PY) benchmarks/bench_callbacks.py
+
+figures: $(VENV)/.installed-dev
+	$(PY) docs/figures.py
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

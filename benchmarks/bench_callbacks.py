@@ -1,8 +1,10 @@
 """Step time of a ~9.4M-parameter MLP under plain Lightning, Lightning's ``gradient_clip_val``, our
 ``GradientClipping``, and all four callbacks together (noise scale at its default ``every_n_steps=25`` and at every
 step), side by side in one process. Contenders run interleaved over several rounds so that drift of a shared
-machine hits them alike; the figure is the mean time per optimizer step (amortising work done every n steps); a ratio is the median over
-rounds of the ratio within a round.
+machine hits them alike; the figure is the mean time per optimizer step (amortising work done every n steps), and
+a ratio is the median over rounds of the ratio within a round. Because a small shared machine makes step times
+swing by 20% between runs, the time spent inside our callbacks' hooks is also measured directly and set against the
+plain step: (plain + hooks) / plain.
 
     python benchmarks/bench_callbacks.py [--steps 60] [--rounds 3]
 
@@ -60,12 +62,24 @@ CONTENDERS = {
     "plain Lightning": (dict(), lambda: []),
     "Lightning gradient_clip_val": (dict(gradient_clip_val=1.0), lambda: []),
     "GradientClipping": (dict(), lambda: [GradientClipping(max_norm=1.0)]),
-    "all four (noise scale every 25)": (dict(), lambda: [
-        GradientClipping(max_norm=1.0), LRSchedule("cosine", warmup_steps=10),
-        BatchSizeScaling(reference_batch_size=32, rule="linear"), GradientNoiseScale()]),
-    "all four (noise scale every step)": (dict(), lambda: [
-        GradientClipping(max_norm=1.0), LRSchedule("cosine", warmup_steps=10),
-        BatchSizeScaling(reference_batch_size=32, rule="linear"), GradientNoiseScale(every_n_steps=1)]),
+    "all four (noise scale every 25)": (
+        dict(),
+        lambda: [
+            GradientClipping(max_norm=1.0),
+            LRSchedule("cosine", warmup_steps=10),
+            BatchSizeScaling(reference_batch_size=32, rule="linear"),
+            GradientNoiseScale(),
+        ],
+    ),
+    "all four (noise scale every step)": (
+        dict(),
+        lambda: [
+            GradientClipping(max_norm=1.0),
+            LRSchedule("cosine", warmup_steps=10),
+            BatchSizeScaling(reference_batch_size=32, rule="linear"),
+            GradientNoiseScale(every_n_steps=1),
+        ],
+    ),
 }
 RATIOS = [  # (ours, reference, goal)
     ("GradientClipping", "Lightning gradient_clip_val", 1.0),
@@ -74,15 +88,42 @@ RATIOS = [  # (ours, reference, goal)
 ]
 
 
-def time_contender(name: str, steps: int, warmup: int, data: TensorDataset) -> float:
+HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_epoch_start", "on_train_start")
+
+
+def _timed(hook, spent: list[float]):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return hook(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    return wrapper
+
+
+def time_contender(name: str, steps: int, warmup: int, data: TensorDataset) -> tuple[float, float]:
+    """Mean wall time per timed step, and mean time per step spent inside our callbacks' hooks."""
     trainer_kwargs, make_callbacks = CONTENDERS[name]
     torch.manual_seed(0)
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="cpu", max_steps=warmup + steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[*make_callbacks(), timer], **trainer_kwargs)
+    callbacks = make_callbacks()
+    spent = [0.0]
+    for callback in callbacks:
+        for hook in HOOKS:
+            setattr(callback, hook, _timed(getattr(callback, hook), spent))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, timer],
+        **trainer_kwargs,
+    )
     trainer.fit(Model(), DataLoader(data, batch_size=64, shuffle=True))
-    return statistics.fmean(timer.times[warmup:])
+    return statistics.fmean(timer.times[warmup:]), spent[0] / (warmup + steps)
 
 
 def main() -> None:
@@ -90,7 +131,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (order rotated each round)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     n = 64 * (args.steps + args.warmup)
     data = TensorDataset(torch.randn(n, 512, generator=generator), torch.randint(0, 10, (n,), generator=generator))
@@ -98,34 +141,74 @@ def main() -> None:
 
     names = list(CONTENDERS)
     rounds: dict[str, list[float]] = {name: [] for name in names}
+    in_hooks: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: nobody always goes first
-            rounds[name].append(time_contender(name, args.steps, args.warmup, data))
-            print(f"round {r + 1}/{args.rounds}  {name:<36} {1e3 * rounds[name][-1]:8.2f} ms/step", flush=True)
+            step, hooks = time_contender(name, args.steps, args.warmup, data)
+            rounds[name].append(step)
+            in_hooks[name].append(hooks)
+            print(
+                f"round {r + 1}/{args.rounds}  {name:<36} {1e3 * step:8.2f} ms/step  "
+                f"{1e3 * hooks:7.2f} ms in our hooks",
+                flush=True,
+            )
     step_ms = {name: 1e3 * statistics.median(times) for name, times in rounds.items()}
+    hook_ms = {name: 1e3 * statistics.median(times) for name, times in in_hooks.items()}
+    plain = step_ms["plain Lightning"]
+    # overhead measured inside the hooks, set against the plain step: robust to the machine's step-time noise
+    hook_overhead = {name: (plain + ms) / plain for name, ms in hook_ms.items()}
     # paired within each round, then the median over rounds: robust to the machine drifting between rounds
     ratios = []
     for ours, ref, goal in RATIOS:
         paired = sorted(a / b for a, b in zip(rounds[ours], rounds[ref], strict=True))
-        ratios.append({"ours": ours, "reference": ref, "ratio": statistics.median(paired), "goal": goal,
-                       "ratio_min": paired[0], "ratio_max": paired[-1]})
+        ratios.append(
+            {
+                "ours": ours,
+                "reference": ref,
+                "ratio": statistics.median(paired),
+                "goal": goal,
+                "ratio_min": paired[0],
+                "ratio_max": paired[-1],
+            }
+        )
 
-    environment = {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
-                   "machine": platform.machine(), "processor": platform.processor() or "unknown",
-                   "cpu_threads": torch.get_num_threads(), "device": "cpu"}
-    print(f"\n{params / 1e6:.1f}M-parameter MLP, batch 64, AdamW, {args.steps} timed steps x {args.rounds} rounds, "
-          f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} CPU threads")
+    environment = {
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or "unknown",
+        "cpu_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    print(
+        f"\n{params / 1e6:.1f}M-parameter MLP, batch 64, AdamW, {args.steps} timed steps x {args.rounds} rounds, "
+        f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} CPU threads"
+    )
     for name, ms in step_ms.items():
-        print(f"  {name:<36} {ms:8.2f} ms/step")
+        print(
+            f"  {name:<36} {ms:8.2f} ms/step  {hook_ms[name]:7.2f} ms/step in our hooks "
+            f"-> (plain + hooks) / plain = {hook_overhead[name]:.3f}x"
+        )
     for row in ratios:
         goal = f" (goal <= {row['goal']:.2f}x)" if row["goal"] else ""
-        print(f"  {row['ours']} / {row['reference']}: {row['ratio']:.3f}x{goal}  "
-              f"[rounds {row['ratio_min']:.3f} .. {row['ratio_max']:.3f}]")
+        print(
+            f"  {row['ours']} / {row['reference']}: {row['ratio']:.3f}x{goal}  "
+            f"[rounds {row['ratio_min']:.3f} .. {row['ratio_max']:.3f}]"
+        )
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"parameters": params, "batch_size": 64, "args": vars(args), "step_ms": step_ms,
-               "rounds_ms": {k: [1e3 * t for t in v] for k, v in rounds.items()}, "ratios": ratios,
-               "environment": environment}
+    payload = {
+        "parameters": params,
+        "batch_size": 64,
+        "args": vars(args),
+        "step_ms": step_ms,
+        "hook_ms": hook_ms,
+        "hook_overhead": hook_overhead,
+        "rounds_ms": {k: [1e3 * t for t in v] for k, v in rounds.items()},
+        "ratios": ratios,
+        "environment": environment,
+    }
     (RESULTS / "callbacks.json").write_text(json.dumps(payload, indent=2))
     plot(step_ms, ratios, RESULTS / "callbacks.png", environment)
     print(f"\nwrote {RESULTS / 'callbacks.json'} and {RESULTS / 'callbacks.png'}")
@@ -146,8 +229,11 @@ def plot(step_ms: dict[str, float], ratios: list[dict], path: Path, environment:
     ax.invert_yaxis()
     ax.set_xlim(0, max(step_ms.values()) * 1.45)
     ax.set_xlabel("mean time per optimizer step (ms)")
-    ax.set_title(f"9.4M-param MLP on {environment['cpu_threads']} CPU threads, torch {environment['torch']}, "
-                 f"lightning {environment['lightning']}", fontsize=9)
+    ax.set_title(
+        f"9.4M-param MLP on {environment['cpu_threads']} CPU threads, torch {environment['torch']}, "
+        f"lightning {environment['lightning']}",
+        fontsize=9,
+    )
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -139,56 +139,55 @@ class GradientClipping(Callback):
         group_handle = getattr(trainer.strategy, "grad_norm_group", None)
         group_norms = self._group_norms(optimizer, group_handle)
         pre = combine_norms(group_norms, self.norm_type)
-        if not math.isfinite(pre.item()):  # the one host synchronisation of the step
+        # the one host synchronisation of the step: the total and per-group norms as floats
+        pre_value, *group_values = torch.cat([pre.reshape(1), group_norms]).tolist()
+        if not math.isfinite(pre_value):
             if self._handle_nonfinite(optimizer, pl_module):
                 return
             group_norms = self._group_norms(optimizer, group_handle)
             pre = combine_norms(group_norms, self.norm_type)
-        clipped, post_norms = self._clip(optimizer, group_norms, pre)
+            pre_value, *group_values = torch.cat([pre.reshape(1), group_norms]).tolist()
+        clipped, coefs = self._clip(optimizer, pre_value, group_values)
         if self.log_norm and should_log(trainer):
-            if post_norms is None:  # value and agc clipping: measure again
+            if coefs is None:  # value and agc clipping: measure again
                 post_norms = self._group_norms(optimizer, group_handle)
-            post = combine_norms(post_norms, self.norm_type)
+            else:
+                post_norms = group_norms * torch.tensor(coefs, device=group_norms.device)
             log_step(pl_module, "grad_norm/pre_clip", pre)
-            log_step(pl_module, "grad_norm/post_clip", post)
-            log_step(pl_module, "grad_norm/clipped", clipped.float())
+            log_step(pl_module, "grad_norm/post_clip", combine_norms(post_norms, self.norm_type))
+            log_step(pl_module, "grad_norm/clipped", float(clipped))
             if self.log_group_norms:
-                for index, norm in enumerate(group_norms):
+                for index, norm in enumerate(group_values):
                     log_step(pl_module, f"grad_norm/pg{index}", norm)
 
-    def _clip(
-        self, optimizer: Optimizer, group_norms: torch.Tensor, pre: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Clip in place; returns whether clipping changed anything and, when it follows from the clip coefficient,
-        the group norms after clipping."""
+    def _clip(self, optimizer: Optimizer, pre: float, group_norms: list[float]) -> tuple[bool, list[float] | None]:
+        """Clip in place; returns whether clipping changed anything and, when the result follows from a coefficient
+        per group, those coefficients. Gradients that need no clipping are not touched."""
         groups = optimizer.param_groups
-        if self.mode == "norm":
-            limits = self.max_norm if isinstance(self.max_norm, Sequence) else None
-            if limits is None:
-                coef = (float(self.max_norm) / (pre + 1e-6)).clamp(max=1.0)  # type: ignore[arg-type]
-                grads = [g for group in groups for g in _grads(group)]
-                if grads:
-                    torch._foreach_mul_(grads, coef.to(grads[0].device))
-                return coef < 1.0, group_norms * coef
-            coefs = (torch.tensor(limits, device=group_norms.device) / (group_norms + 1e-6)).clamp(max=1.0)
+        if self.mode in ("norm", "zscore"):
+            if self.mode == "zscore":
+                coefs = [self._zscore_coefficient(pre)] * len(groups)
+            elif isinstance(self.max_norm, Sequence):
+                coefs = [
+                    min(1.0, limit / (norm + 1e-6)) for limit, norm in zip(self.max_norm, group_norms, strict=True)
+                ]
+            else:
+                coefs = [min(1.0, float(self.max_norm) / (pre + 1e-6))] * len(groups)  # type: ignore[arg-type]
             for group, coef in zip(groups, coefs, strict=True):
                 grads = _grads(group)
-                if grads:
-                    torch._foreach_mul_(grads, coef.to(grads[0].device))
-            return (coefs < 1.0).any(), group_norms * coefs
+                if coef < 1.0 and grads:
+                    torch._foreach_mul_(grads, coef)
+            return any(c < 1.0 for c in coefs), coefs
         if self.mode == "value":
             grads = [g for group in groups for g in _grads(group)]
             bound = float(self.max_value)  # type: ignore[arg-type]
-            changed = torch.stack([g.abs().max() for g in grads]).max() > bound if grads else torch.tensor(False)
+            changed = bool(torch.stack([g.abs().max() for g in grads]).max() > bound) if grads else False
             torch._foreach_clamp_min_(grads, -bound)
             torch._foreach_clamp_max_(grads, bound)
             return changed, None
-        if self.mode == "agc":
-            return self._clip_agc(groups), None
-        zscore_coef = self._clip_zscore(groups, pre.item())
-        return torch.tensor(zscore_coef < 1.0), group_norms * zscore_coef
+        return self._clip_agc(groups), None
 
-    def _clip_agc(self, groups: list[dict]) -> torch.Tensor:
+    def _clip_agc(self, groups: list[dict]) -> bool:
         changed = torch.tensor(False)
         for group in groups:
             for p in group["params"]:
@@ -201,18 +200,17 @@ class GradientClipping(Callback):
                 scale = (limit / g_norm.clamp(min=1e-6)).clamp(max=1.0)
                 p.grad.mul_(scale)
                 changed = changed | (scale < 1.0).any().cpu()
-        return changed
+        return bool(changed)
 
-    def _clip_zscore(self, groups: list[dict], norm: float) -> float:
-        """Clip to the z-score bound once the statistics have warmed up; returns the coefficient applied."""
+    def _zscore_coefficient(self, norm: float) -> float:
+        """The coefficient that brings ``norm`` down to the z-score bound once the statistics have warmed up (1 when
+        within it); updates the statistics with the norm actually applied, so one spike does not widen the bound."""
         state, coef = self.zscore_state, 1.0
         if state["count"] >= self.zscore_warmup:
             bound = state["mean"] + self.z * math.sqrt(state["var"])
             if norm > bound:
                 coef = bound / norm
-                torch._foreach_mul_([g for group in groups for g in _grads(group)], coef)
                 norm = bound
-        # statistics of the norms actually applied, so one spike does not widen the bound
         if state["count"] == 0:
             state["mean"], state["var"] = norm, 0.0
         else:

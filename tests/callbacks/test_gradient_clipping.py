@@ -102,15 +102,28 @@ def test_agc_mode_matches_the_unitwise_rule() -> None:
 def test_zscore_clips_a_spike_after_warmup() -> None:
     clipping = GradientClipping(mode="zscore", z=2.0, zscore_warmup=5, ema_decay=0.9)
     norms = [1.0, 1.1, 0.9, 1.0, 1.05, 1.0, 10.0, 1.0]
-    grads = [torch.nn.Parameter(torch.zeros(4))]
-    coefs = []
-    for norm in norms:
-        grads[0].grad = torch.full((4,), norm / 2.0)  # ‖g‖ = norm
-        coefs.append(clipping._clip_zscore([{"params": grads}], norm))
+    coefs = [clipping._zscore_coefficient(norm) for norm in norms]
     assert coefs[:6] == [1.0] * 6 and coefs[7] == 1.0
-    state = clipping.zscore_state
-    assert 0 < coefs[6] < 0.2 and grads[0].grad.norm().item() == pytest.approx(1.0)
-    assert state["count"] == 8
+    # the bound after six norms, transcribed: EMA mean and variance of the applied norms
+    mean, var = norms[0], 0.0
+    for norm in norms[1:6]:
+        delta = norm - mean
+        mean += 0.1 * delta
+        var = 0.9 * (var + 0.1 * delta * delta)
+    bound = mean + 2.0 * var**0.5
+    assert coefs[6] == pytest.approx(bound / 10.0)
+    assert clipping.zscore_state["count"] == 8
+
+
+def test_zscore_mode_in_a_trainer_clips_to_the_bound() -> None:
+    clipping = GradientClipping(mode="zscore", z=0.5, zscore_warmup=3)
+    _, raw, clipped = _fit(clipping, steps=8)
+    assert clipping.zscore_state["count"] == 8
+    changed = [
+        not all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+        for before, after in zip(raw.grads, clipped.grads, strict=True)
+    ]
+    assert not any(changed[:3]) and any(changed[3:])
 
 
 class NanAtStep(TinyRegressor):
