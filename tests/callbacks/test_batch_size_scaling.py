@@ -165,3 +165,17 @@ def test_adascale_under_ddp_equals_fairscale_on_the_rank_batches() -> None:
         assert result["lrs"] == pytest.approx(expected_lrs, abs=1e-6)
         for ours, theirs in zip(result["params"], net.parameters(), strict=True):
             torch.testing.assert_close(ours, theirs)
+
+
+def test_recomputed_when_the_batch_size_changes() -> None:
+    """A batch size changed between epochs (as BatchSizeFinder does) changes k and the LR from the next epoch."""
+
+    class GrowingBatch(TinyRegressor):
+        def train_dataloader(self):
+            return loader(regression_dataset(64), batch_size=8 * (self.current_epoch + 1))
+
+    scaling, recorder = BatchSizeScaling(reference_batch_size=8, rule="linear"), StepRecorder()
+    trainer = quiet_trainer(max_epochs=2, reload_dataloaders_every_n_epochs=1, callbacks=[scaling, recorder])
+    trainer.fit(GrowingBatch(tiny_net(), lr=0.1))
+    assert [round(step[0], 6) for step in recorder.lrs] == [0.1] * 8 + [0.2] * 4
+    assert scaling.geometry is not None and scaling.geometry.effective == 16 and scaling.k == 2.0

@@ -257,3 +257,13 @@ def test_ddp_norm_equals_single_process_norm_of_the_full_batch() -> None:
         assert rank["pre_clip"] == pytest.approx(pre.item(), rel=1e-5)
         for a, b in zip(rank["params"], net.parameters(), strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_clips_once_per_optimizer_step_under_accumulation() -> None:
+    clipping = GradientClipping(max_norm=0.05)
+    trainer, raw, clipped = _fit(clipping, steps=3, accumulate_grad_batches=4)
+    assert len(raw.grads) == len(clipped.grads) == 3 == trainer.global_step  # one call per optimizer step
+    for before, after in zip(raw.grads, clipped.grads, strict=True):
+        total = torch.nn.utils.get_total_norm(before).item()  # the accumulated gradient's norm
+        for a, b in zip(after, before, strict=True):
+            torch.testing.assert_close(a, b * min(1.0, 0.05 / (total + 1e-6)))
