@@ -10,6 +10,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _save(fig: Any, png_path: str | Path) -> Path:
+    """Write ``fig`` to ``png_path`` (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
 def read_metrics(csv_path: str | Path) -> dict[str, list[tuple[float, float]]]:
     """Read a ``CSVLogger`` ``metrics.csv`` into ``{metric: [(step, value), ...]}``, skipping empty cells.
 
@@ -68,11 +79,7 @@ def plot_metrics(csv_path: str | Path, png_path: str | Path, *, title: str | Non
             ax.legend()
     if title:
         fig.suptitle(title)
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
+    return _save(fig, png_path)
 
 
 def plot_schedule(
@@ -122,8 +129,4 @@ def plot_schedule(
     ax.legend()
     if title:
         ax.set_title(title)
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
+    return _save(fig, png_path)

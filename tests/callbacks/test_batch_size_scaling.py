@@ -111,20 +111,9 @@ def test_constructor_rejects_invalid_values(kwargs, match) -> None:
 
 
 def _ddp_adascale(rank: int, world_size: int) -> dict:
-    import lightning as L
 
     scaling, recorder = BatchSizeScaling(reference_batch_size=4, rule="adascale"), StepRecorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=world_size,
-        strategy="ddp",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[scaling, recorder],
-    )
+    trainer = quiet_trainer(devices=world_size, strategy="ddp", max_steps=4, callbacks=[scaling, recorder])
     module = TinyRegressor(tiny_net(), lr=0.1)
     trainer.fit(module, loader(regression_dataset(96), batch_size=8))
     return {

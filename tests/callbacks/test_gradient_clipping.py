@@ -3,7 +3,6 @@ the DDP norm equal to the single-process norm of the full batch."""
 
 import copy
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,17 +211,8 @@ def test_constructor_rejects_invalid_values(kwargs, match) -> None:
 def _ddp_clipped_fit(rank: int, world_size: int) -> dict:
     module = TinyRegressor(tiny_net(), lr=0.5)
     clipping, recorder = GradientClipping(max_norm=0.05), StepRecorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=world_size,
-        strategy="ddp",
-        max_steps=3,
-        log_every_n_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clipping, recorder],
+    trainer = quiet_trainer(
+        devices=world_size, strategy="ddp", max_steps=3, log_every_n_steps=1, callbacks=[clipping, recorder]
     )
     trainer.fit(module, DataLoader(regression_dataset(64), batch_size=4))
     return {

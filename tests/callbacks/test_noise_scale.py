@@ -5,7 +5,6 @@ With x ~ N(0, I_d), y = w*·x + ε (ε ~ N(0, σ²)), loss (w·x − y)² and δ
 σ_j² = 4(|δ|² + δ_j² + σ²) and g_j² = 4δ_j², so McAllester's B*_j = 16 σ_j² / g_j².
 """
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -85,17 +84,7 @@ def test_every_n_steps_measures_only_those_steps() -> None:
 def _ddp_noise_scale(rank: int, world_size: int) -> tuple:
     dataset, w_star = _data(400 * 2 * 32)
     callback = GradientNoiseScale(every_n_steps=1, ema_decay=0.995)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=world_size,
-        strategy="ddp",
-        max_steps=400,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
+    trainer = quiet_trainer(devices=world_size, strategy="ddp", max_steps=400, callbacks=[callback])
     trainer.fit(_module(w_star), DataLoader(dataset, batch_size=32))
     return callback.grad_sq.value, callback.trace.value, callback.b_simple, callback.b_star_median
 
