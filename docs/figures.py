@@ -45,10 +45,17 @@ def clipping() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         L.seed_everything(0, verbose=False)
-        trainer = L.Trainer(accelerator="cpu", max_epochs=5, log_every_n_steps=1, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False,
-                            logger=CSVLogger(tmp, name="clip"), callbacks=[GradientClipping(max_norm=0.5)])
-        trainer.fit(ClassifierModule(optimizer="sgd", lr=0.1), datamodule=DigitsDataModule(batch_size=32))
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=5,
+            log_every_n_steps=1,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            logger=CSVLogger(tmp, name="clip"),
+            callbacks=[GradientClipping(max_norm=0.5)],
+        )
+        trainer.fit(ClassifierModule(optimizer="momentum", lr=0.1), datamodule=DigitsDataModule(batch_size=32))
         series = read_metrics(Path(trainer.logger.log_dir) / "metrics.csv")  # type: ignore[union-attr]
     fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
     for name, label in (("grad_norm/pre_clip", "before clipping"), ("grad_norm/post_clip", "after clipping")):
@@ -58,7 +65,7 @@ def clipping() -> None:
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("global gradient 2-norm")
-    ax.set_title("GradientClipping(max_norm=0.5): MLP on digits, SGD lr 0.1")
+    ax.set_title("GradientClipping(max_norm=0.5): MLP on digits, SGD momentum 0.9, lr 0.1")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(IMAGES / "clipping.png", dpi=120)

@@ -53,9 +53,7 @@ def run(name: str, batch_size: int, make_callbacks, args: argparse.Namespace) ->
 def run_once(batch_size: int, callbacks: list[Callback], args: argparse.Namespace, seed: int) -> dict:
     L.seed_everything(seed, verbose=False)
     accuracy = EpochAccuracy()
-    module = ClassifierModule(
-        hidden_sizes=[256, 256], dropout=0.0, optimizer="sgd", lr=args.lr, momentum=0.9, weight_decay=1e-4
-    )
+    module = ClassifierModule(hidden_sizes=[256, 256], dropout=0.0, optimizer="momentum", lr=args.lr, weight_decay=1e-4)
     data = DigitsDataModule(batch_size=batch_size, seed=0)
     trainer = L.Trainer(
         accelerator="cpu",

@@ -1,9 +1,9 @@
-"""A LightningModule that trains any classification network with cross-entropy and logs loss and accuracy."""
+"""A LightningModule that trains a classification network with cross-entropy and logs loss and accuracy."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -13,13 +13,21 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_dl.nn import MLP
+from lightning_dl.modules._optim import (
+    OptimConfig,
+    check_optimizer,
+    check_schedule,
+    configure,
+    log_optimizer_statistics,
+)
+from lightning_dl.nn import MLP, ConvNet
 
-OPTIMIZERS = ("adamw", "sgd")
+MODELS = ("mlp", "convnet")
 
 
 class ClassifierModule(L.LightningModule):
-    """Classify feature vectors with an :class:`~lightning_dl.nn.MLP` trained by AdamW or SGD with momentum.
+    """Classify feature vectors with an :class:`~lightning_dl.nn.MLP` or a :class:`~lightning_dl.nn.ConvNet`, the
+    optimizer, norm and initialisation picked by name.
 
     Logs ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss`` and ``test_acc`` (accuracy by
     torchmetrics, accumulated over the epoch).
@@ -27,18 +35,23 @@ class ClassifierModule(L.LightningModule):
     Args:
         num_features: input features per sample (64 for the 8×8 digits).
         num_classes: number of classes.
-        hidden_sizes: widths of the hidden layers.
-        activation: activation of the hidden layers.
-        dropout: dropout after each hidden activation.
+        model: ``mlp`` or ``convnet`` (the latter for 8×8 images given as 64 features).
+        hidden_sizes: widths of the MLP's hidden layers.
+        activation: activation of the MLP's hidden layers.
+        dropout: dropout after each hidden activation of the MLP.
+        norm: ``none``, ``batch``, ``layer``, ``rms``, ``group`` or ``weight``.
+        init: ``default``, ``xavier_normal``, ``xavier_uniform``, ``he_normal``, ``he_uniform``, ``normal``,
+            ``orthogonal``.
+        optimizer: any name of :func:`lightning_dl.optim.build_optimizer` (``adamw``, ``momentum``, ``lamb``, ...).
         lr: learning rate.
-        weight_decay: weight decay, applied to weights only (parameters with ``ndim >= 2``): decoupled for AdamW,
-            L2 for SGD.
-        optimizer: ``adamw`` or ``sgd`` (heavy-ball momentum).
-        momentum: SGD's momentum.
+        weight_decay: applied to weights only (parameters with ``ndim >= 2``), for optimizers that have it.
+        optimizer_kwargs: further keyword arguments of the optimizer (``{"momentum": 0.8}``, ``{"betas": ...}``).
+        lr_schedule: an :mod:`lightning_dl.schedules` shape applied per step through a ``LambdaLR``, or None.
+        schedule_kwargs: the schedule's parameters, warmup included (``{"warmup_steps": 100}``).
 
     Example::
 
-        >>> module = ClassifierModule(num_features=64, num_classes=10, hidden_sizes=[32])
+        >>> module = ClassifierModule(num_features=64, num_classes=10, hidden_sizes=[32], optimizer="lamb")
         >>> module(torch.zeros(2, 64)).shape
         torch.Size([2, 10])
     """
@@ -47,36 +60,44 @@ class ClassifierModule(L.LightningModule):
         self,
         num_features: int = 64,
         num_classes: int = 10,
+        model: str = "mlp",
         hidden_sizes: Sequence[int] = (256, 256),
         activation: str = "relu",
         dropout: float = 0.1,
+        norm: str = "none",
+        init: str = "default",
+        optimizer: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        optimizer: str = "adamw",
-        momentum: float = 0.9,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        lr_schedule: str | None = None,
+        schedule_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"`num_classes` must be >= 2, got {num_classes!r}.")
-        if lr <= 0:
-            raise ValueError(f"`lr` must be > 0, got {lr!r}.")
-        if weight_decay < 0:
-            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}.")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"`momentum` must lie in [0, 1), got {momentum!r}.")
+        if model not in MODELS:
+            raise ValueError(f"`model` must be one of {MODELS}, got {model!r}.")
+        check_optimizer(optimizer, weight_decay, lr)
+        check_schedule(lr_schedule, schedule_kwargs)
         self.save_hyperparameters()
-        self.net = MLP(num_features, list(hidden_sizes), num_classes, activation=activation, dropout=dropout)
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.optimizer_name = optimizer
-        self.momentum = momentum
+        self.optim_config = OptimConfig(optimizer, lr, weight_decay, optimizer_kwargs, lr_schedule, schedule_kwargs)
+        if model == "mlp":
+            self.net: nn.Module = MLP(
+                num_features,
+                list(hidden_sizes),
+                num_classes,
+                activation=activation,
+                dropout=dropout,
+                norm=norm,
+                init=init,
+            )
+        else:
+            if num_features != 64:
+                raise ValueError(f"`model='convnet'` takes 8×8 images (num_features=64), got {num_features}.")
+            self.net = ConvNet(num_classes, norm=norm, init=init)
         self.accuracy = nn.ModuleDict(
-            {
-                f"{stage}_acc": MulticlassAccuracy(num_classes=num_classes, average="micro")
-                for stage in ("train", "val", "test")
-            }
+            {f"{s}_acc": MulticlassAccuracy(num_classes=num_classes, average="micro") for s in ("train", "val", "test")}
         )
 
     @override
@@ -99,6 +120,10 @@ class ClassifierModule(L.LightningModule):
         return self._shared_step(batch, "train")
 
     @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        log_optimizer_statistics(self)
+
+    @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")
 
@@ -108,9 +133,4 @@ class ClassifierModule(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
-        decay = [p for p in self.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
-        return torch.optim.AdamW(groups, lr=self.lr)
+        return configure(self, self.optim_config)

@@ -1,0 +1,96 @@
+"""What the modules share: an optimizer by name over parameter groups with no weight decay on biases and norm
+parameters, an optional LR schedule by shape, and logging of an optimizer's own statistics."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+from torch.optim.lr_scheduler import LambdaLR
+
+from lightning_dl import schedules
+from lightning_dl.optim import OPTIMIZERS, AdaptiveSGD, build_optimizer
+
+_WARMUP_DEFAULTS: dict[str, Any] = {"warmup_steps": 0, "warmup_type": "linear", "warmup_start_ratio": 0.0}
+
+
+def check_optimizer(name: str, weight_decay: float, lr: float) -> None:
+    """Validate before any Trainer exists: the name, and weight decay only where the optimizer has it."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}.")
+    if lr <= 0:
+        raise ValueError(f"`lr` must be > 0, got {lr!r}.")
+    if weight_decay < 0:
+        raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
+    if weight_decay and not _takes_weight_decay(name):
+        raise ValueError(f"optimizer {name!r} has no weight decay: set `weight_decay=0`.")
+
+
+def _takes_weight_decay(name: str) -> bool:
+    return "weight_decay" in inspect.signature(OPTIMIZERS[name][0]).parameters
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer and schedule choices of a module, as its constructor took them."""
+
+    name: str
+    lr: float
+    weight_decay: float
+    optimizer_kwargs: dict[str, Any] | None
+    lr_schedule: str | None
+    schedule_kwargs: dict[str, Any] | None
+
+
+def configure(module: L.LightningModule, config: OptimConfig) -> Any:
+    """The optimizer (weights with ``ndim >= 2`` decay, the rest do not) and, with ``lr_schedule``, a per-step
+    ``LambdaLR`` following :func:`lightning_dl.schedules.lr_factor` over ``trainer.estimated_stepping_batches``."""
+    name, lr, weight_decay = config.name, config.lr, config.weight_decay
+    optimizer_kwargs, lr_schedule, schedule_kwargs = config.optimizer_kwargs, config.lr_schedule, config.schedule_kwargs
+    params = [p for p in module.parameters() if p.requires_grad]
+    if _takes_weight_decay(name):
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+    else:
+        groups = [{"params": params}]
+    optimizer = build_optimizer(name, groups, lr=lr, **(optimizer_kwargs or {}))
+    if lr_schedule is None:
+        return optimizer
+    kwargs = dict(schedule_kwargs or {})
+    warmup = {k: kwargs.pop(k) for k in ("warmup_steps", "warmup_type", "warmup_start_ratio") if k in kwargs}
+    total = int(module.trainer.estimated_stepping_batches)
+    schedules.validate_schedule(
+        lr_schedule,
+        total_steps=total,
+        **(_WARMUP_DEFAULTS | warmup),
+        **kwargs,
+    )
+    scheduler = LambdaLR(
+        optimizer, lambda step: schedules.lr_factor(lr_schedule, step, total_steps=total, **warmup, **kwargs)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def log_optimizer_statistics(module: L.LightningModule) -> None:
+    """Log an optimizer's own statistics (``adaptive_sgd``: mean B* and mean η) on Lightning's logging steps."""
+    trainer = module.trainer
+    every = getattr(trainer, "log_every_n_steps", 50)
+    if every <= 0 or trainer.global_step % every:
+        return
+    for optimizer in trainer.optimizers:
+        if isinstance(optimizer, AdaptiveSGD):
+            for key, value in optimizer.statistics().items():
+                module.log(f"adaptive_sgd/{key}", value, on_step=True, on_epoch=False, batch_size=1)
+
+
+def check_schedule(lr_schedule: str | None, schedule_kwargs: dict[str, Any] | None) -> None:
+    """Validate a schedule's shape and parameters before the Trainer gives the total."""
+    if lr_schedule is None:
+        return
+    kwargs = _WARMUP_DEFAULTS | dict(schedule_kwargs or {})
+    schedules.validate_schedule(lr_schedule, total_steps=None, **kwargs)
