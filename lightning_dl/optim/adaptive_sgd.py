@@ -66,37 +66,49 @@ class AdaptiveSGD(torch.optim.Optimizer):
             params, grads = dense_grads("AdaptiveSGD", group["params"])
             if not params:
                 continue
-            k = group["warmup_steps"]
-            for p, g in zip(params, grads, strict=True):
+            k, eps = group["warmup_steps"], group["eps"]
+            lambda_b, lambda_eta = group["lambda_b"], group["lambda_eta"]
+            # state holds B*/λ_B and η/λ_η: the constants fold into the weight and the update
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["mean"] = torch.zeros_like(p)
                     state["mean_sq"] = torch.zeros_like(p)
-                    state["b_star"] = torch.full_like(p, float(max(k, 1)))
-                    state["eta"] = torch.zeros_like(p)
+                    state["b_star_ratio"] = torch.full_like(p, float(max(k, 1)) / lambda_b)
+                    state["eta_ratio"] = torch.zeros_like(p)
                 state["step"] += 1
-                t = state["step"]
-                w = (group["batch_size"] / state["b_star"]).clamp_(max=1.0)
-                state["mean"].lerp_(g, w)
-                state["mean_sq"].lerp_(g * g, w)
-                mean_sq_of_mean = state["mean"].square()
-                var = (state["mean_sq"] - mean_sq_of_mean).clamp_(min=0.0)
-                if t <= k:
-                    state["b_star"].fill_(float(max(k, 1)))
-                    state["eta"].zero_()
+            states = [self.state[p] for p in params]
+            means, mean_sqs = [s["mean"] for s in states], [s["mean_sq"] for s in states]
+            # w = min(1, B / B*) = min(1, (B/λ_B) / ratio), in a scratch list that later holds g̃²
+            weights = torch._foreach_reciprocal([s["b_star_ratio"] for s in states])
+            torch._foreach_mul_(weights, group["batch_size"] / lambda_b)
+            torch._foreach_clamp_max_(weights, 1.0)
+            torch._foreach_lerp_(means, grads, weights)
+            squares = torch._foreach_mul(grads, grads)
+            torch._foreach_lerp_(mean_sqs, squares, weights)
+            for p, g, state, mean_sq, var in zip(params, grads, states, weights, squares, strict=True):
+                torch.mul(state["mean"], state["mean"], out=mean_sq)  # g̃²
+                torch.sub(state["mean_sq"], mean_sq, out=var).clamp_(min=0.0)  # σ̃² = max(s̃ − g̃², 0)
+                if state["step"] <= k:
+                    state["b_star_ratio"].fill_(float(max(k, 1)) / lambda_b)
+                    state["eta_ratio"].zero_()
                     continue
-                torch.div(group["lambda_b"] * var, mean_sq_of_mean + group["eps"], out=state["b_star"])
-                torch.div(group["lambda_eta"] * mean_sq_of_mean, var + group["eps"], out=state["eta"])
-                p.addcmul_(state["eta"], g, value=-group["lr"])
+                torch.div(mean_sq, var.add_(eps), out=state["eta_ratio"])  # η/λ_η = g̃²/(σ̃² + ε)
+                torch.div(var.sub_(eps), mean_sq.add_(eps), out=state["b_star_ratio"])  # B*/λ_B = σ̃²/(g̃² + ε)
+                p.addcmul_(state["eta_ratio"], g, value=-group["lr"] * lambda_eta)
         return loss
 
     @torch.no_grad()
     def statistics(self) -> dict[str, float]:
         """Mean B* and mean η over every coordinate that has state."""
-        b_star = [s["b_star"] for s in self.state.values() if "b_star" in s]
-        eta = [s["eta"] for s in self.state.values() if "eta" in s]
-        if not b_star:
-            return {}
-        count = sum(t.numel() for t in b_star)
-        return {"b_star": float(sum(t.sum() for t in b_star)) / count, "eta": float(sum(t.sum() for t in eta)) / count}
+        b_star = eta = 0.0
+        count = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "b_star_ratio" in state:
+                    b_star += group["lambda_b"] * float(state["b_star_ratio"].sum())
+                    eta += group["lambda_eta"] * float(state["eta_ratio"].sum())
+                    count += state["b_star_ratio"].numel()
+        return {"b_star": b_star / count, "eta": eta / count} if count else {}

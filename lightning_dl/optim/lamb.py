@@ -72,22 +72,26 @@ class LAMB(torch.optim.Optimizer):
             torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
             torch._foreach_mul_(exp_avg_sq, beta2)
             torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
-            m_hat = torch._foreach_div(exp_avg, [1 - beta1**t for t in steps])
-            denom = torch._foreach_sqrt(torch._foreach_div(exp_avg_sq, [1 - beta2**t for t in steps]))
-            torch._foreach_add_(denom, group["eps"])
-            updates = torch._foreach_div(m_hat, denom)
+            # u = m̂/(√v̂ + ε) = m / (bc1·(√v/√bc2 + ε)): both bias corrections folded into one denominator
+            bc1 = [1 - beta1**t for t in steps]
+            bc2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
+            updates = torch._foreach_sqrt(exp_avg_sq)
+            torch._foreach_mul_(updates, [a / b for a, b in zip(bc1, bc2_sqrt, strict=True)])
+            torch._foreach_add_(updates, [group["eps"] * a for a in bc1])
+            torch._foreach_div_(updates, exp_avg)
+            torch._foreach_reciprocal_(updates)
             adapt = [not (group["exclude_1d"] and p.ndim <= 1) for p in params]
             wd = group["weight_decay"]
             if wd:
-                for update, p, a in zip(updates, params, adapt, strict=True):
-                    if a:
-                        update.add_(p, alpha=wd)
+                decayed = [(u, p) for u, p, a in zip(updates, params, adapt, strict=True) if a]
+                if decayed:
+                    torch._foreach_add_([u for u, _ in decayed], [p for _, p in decayed], alpha=wd)
             w_norms = torch.stack(torch._foreach_norm(params))
             u_norms = torch.stack(torch._foreach_norm(updates))
             trust = torch.where((w_norms > 0) & (u_norms > 0), w_norms / u_norms, torch.ones_like(w_norms))
             if group["max_trust"] is not None:
                 trust = trust.clamp(max=group["max_trust"])
-            trust = torch.where(torch.tensor(adapt, device=trust.device), trust, torch.ones_like(trust))
-            torch._foreach_mul_(updates, list((-group["lr"] * trust).unbind()))
-            torch._foreach_add_(params, updates)
+            # one host synchronisation for the group, then a single pass per tensor
+            for p, u, ratio, a in zip(params, updates, trust.tolist(), adapt, strict=True):
+                p.add_(u, alpha=-group["lr"] * (ratio if a else 1.0))
         return loss

@@ -57,8 +57,9 @@ class SimplifiedAdam(torch.optim.Optimizer):
             mean_sqs = [self.state[p]["mean_sq"] for p in params]
             steps = [self.state[p]["step"] for p in params]
             torch._foreach_lerp_(means, grads, [1.0 / min(t, group["horizon_g"]) for t in steps])
-            squares = torch._foreach_mul(grads, grads)
-            torch._foreach_lerp_(mean_sqs, squares, [1.0 / min(t, group["horizon_s"]) for t in steps])
+            rates = [1.0 / min(t, group["horizon_s"]) for t in steps]
+            torch._foreach_mul_(mean_sqs, [1.0 - r for r in rates])
+            torch._foreach_addcmul_(mean_sqs, grads, grads, rates)
             denom = torch._foreach_sqrt(mean_sqs)
             torch._foreach_add_(denom, group["eps"])
             torch._foreach_addcdiv_(params, means, denom, value=-group["lr"])

@@ -352,4 +352,4 @@ def test_line_search_needs_a_closure() -> None:
 def test_adaptive_sgd_collapses_when_the_batch_exceeds_b_star() -> None:
     """B >= B* makes the average the last gradient alone: σ̃² = 0, so B* = 0 from then on (as the rule says)."""
     _, optimizer = _run(lambda ps: AdaptiveSGD(ps, batch_size=8, warmup_steps=2))
-    assert optimizer.statistics()["b_star"] == 0.0
+    assert optimizer.statistics()["b_star"] < 1e-9  # zero up to rounding: the weight stays 1
