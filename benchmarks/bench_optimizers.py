@@ -3,7 +3,7 @@
 fixed random gradients. Prints ratios (ours / adam) and absolute figures; writes benchmarks/results/optimizers.json
 and .png.
 
-    python benchmarks/bench_optimizers.py [--reps 30]
+    python benchmarks/bench_optimizers.py [--reps 80]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ GOALS = {"lamb": 1.5, "lars": 1.5, "simplified_adam": 1.2, "adaptive_sgd": 2.0}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=30, help="timed steps per optimizer (interleaved)")
+    parser.add_argument("--reps", type=int, default=80, help="timed steps per optimizer (interleaved)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

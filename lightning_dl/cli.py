@@ -39,6 +39,10 @@ RECIPES: tuple[Recipe, ...] = (
         None,
         "the linear scaling rule on digits: batch 32 vs 256 without scaling, scaled, scaled with warmup",
     ),
+    Recipe("optimizers", "optimizers.py", None, "every optimizer on the same digits MLP: loss curves, accuracy, time"),
+    Recipe("init", "init.py", None, "activation scale through 10 tanh and ReLU layers under four initialisations"),
+    Recipe("norms", "norms.py", None, "the digits ConvNet with each normalization: curves and table"),
+    Recipe("charlm", "charlm.py", "configs/charlm.yaml", "a causal Transformer learns to reverse symbol strings"),
 )
 
 

@@ -24,7 +24,9 @@ def test_unknown_recipe_lists_the_known_ones(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["run", "mnist"])
     assert exit_info.value.code == 2
-    assert "Unknown recipe 'mnist'; known recipes: digits, large-batch" in capsys.readouterr().err
+    assert "Unknown recipe 'mnist'; known recipes: digits, large-batch, optimizers, init, norms, charlm" in (
+        capsys.readouterr().err
+    )
 
 
 def test_run_without_recipe_prints_usage(capsys) -> None:
@@ -92,3 +94,35 @@ def test_large_batch_recipe_writes_its_table_and_plot(tmp_path) -> None:
 def test_large_batch_recipe_rejects_bad_values(tmp_path) -> None:
     result = _run("run", "large-batch", "--epochs=0", cwd=tmp_path)
     assert result.returncode == 2 and "--epochs must be >= 1, got 0" in result.stderr
+
+
+def _table(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_init_recipe_shows_collapse_and_saturation(tmp_path) -> None:
+    result = _run("run", "init", "--out=out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stds = json.loads((tmp_path / "out" / "init.json").read_text())["stds"]
+    assert stds["tanh"]["N(0, 0.01²)"][-1] < 1e-6 and stds["relu"]["N(0, 0.01²)"][-1] < 1e-6  # collapse
+    assert stds["tanh"]["N(0, 1)"][-1] > 0.9  # saturated tanh: activations pinned near ±1
+    assert 0.3 < stds["relu"]["He (normal)"][-1] < 3.0  # He keeps ReLU's scale over 10 layers
+    assert stds["relu"]["Xavier (normal)"][-1] < 0.1 * stds["relu"]["He (normal)"][-1]
+    assert (tmp_path / "out" / "init.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("recipe", "rows"), [("optimizers", 14), ("norms", 6)])
+def test_comparison_recipes_write_a_row_per_contender(tmp_path, recipe, rows) -> None:
+    result = _run("run", recipe, "--epochs=1", "--out=out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_table(tmp_path / "out" / f"{recipe}.md")) == 2 + rows
+    assert (tmp_path / "out" / f"{recipe}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_charlm_recipe_learns(tmp_path) -> None:
+    result = _run("run", "charlm", "--trainer.max_epochs=4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = dict(re.findall(r"^(test loss|test seq acc) +(\S+)$", result.stdout, re.MULTILINE))
+    assert float(report["test loss"]) < 0.5 and float(report["test seq acc"]) > 0.3
