@@ -1,5 +1,5 @@
 """Regenerate the figures the user guide shows (docs/images/): schedule shapes, clipped against unclipped gradient
-norms on digits, and the large-batch recipe's result.
+norms on digits, and the results of the large-batch, optimizers, init and norms recipes.
 
     python docs/figures.py
 """
@@ -72,17 +72,20 @@ def clipping() -> None:
     plt.close(fig)
 
 
-def large_batch() -> None:
+def recipe(script: str, outputs: dict[str, str]) -> None:
+    """Run a comparison recipe into a temporary folder and copy its outputs (name there -> name under images/)."""
     with tempfile.TemporaryDirectory() as tmp:
-        script = Path(__file__).parent.parent / "examples" / "large_batch.py"
-        subprocess.run([sys.executable, str(script), "--out", tmp], check=True)
-        shutil.copy(Path(tmp) / "val_acc.png", IMAGES / "large_batch.png")
-        shutil.copy(Path(tmp) / "results.json", IMAGES / "large_batch.json")
+        path = Path(__file__).parent.parent / "examples" / script
+        subprocess.run([sys.executable, str(path), "--out", tmp], check=True)
+        for source, target in outputs.items():
+            shutil.copy(Path(tmp) / source, IMAGES / target)
 
 
 if __name__ == "__main__":
     IMAGES.mkdir(parents=True, exist_ok=True)
     schedules()
     clipping()
-    large_batch()
+    recipe("large_batch.py", {"val_acc.png": "large_batch.png", "results.json": "large_batch.json"})
+    for name in ("optimizers", "init", "norms"):
+        recipe(f"{name}.py", {f"{name}.png": f"{name}.png", f"{name}.json": f"{name}.json", f"{name}.md": f"{name}.md"})
     print(f"wrote the figures under {IMAGES}")
