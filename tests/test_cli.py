@@ -126,3 +126,22 @@ def test_charlm_recipe_learns(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     report = dict(re.findall(r"^(test loss|test seq acc) +(\S+)$", result.stdout, re.MULTILINE))
     assert float(report["test loss"]) < 0.5 and float(report["test seq acc"]) > 0.3
+
+
+@pytest.mark.slow
+def test_digits_recipe_takes_optimizer_norm_and_init_by_name(tmp_path) -> None:
+    result = _run(
+        "run",
+        "digits",
+        "--trainer.max_epochs=3",
+        "--model.optimizer=lamb",
+        "--model.lr=0.01",
+        "--model.norm=layer",
+        "--model.init=he_normal",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = dict(re.findall(r"^(test acc) +(\S+)$", result.stdout, re.MULTILINE))
+    assert float(report["test acc"]) > 0.9
+    hparams = next(tmp_path.glob("runs/digits/version_*/hparams.yaml")).read_text()
+    assert "optimizer: lamb" in hparams and "norm: layer" in hparams and "init: he_normal" in hparams
