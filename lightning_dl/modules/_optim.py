@@ -1,5 +1,6 @@
 """What the modules share: an optimizer by name over parameter groups with no weight decay on biases and norm
-parameters, an optional LR schedule by shape, and logging of an optimizer's own statistics."""
+parameters, an optional LR schedule by shape, logging of an optimizer's own statistics, and the train/val/test
+steps around one ``_shared_step``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch.optim.lr_scheduler import LambdaLR
+from typing_extensions import override
 
 from lightning_dl import schedules
 from lightning_dl.optim import OPTIMIZERS, AdaptiveSGD, build_optimizer
@@ -94,3 +98,33 @@ def check_schedule(lr_schedule: str | None, schedule_kwargs: dict[str, Any] | No
         return
     kwargs = _WARMUP_DEFAULTS | dict(schedule_kwargs or {})
     schedules.validate_schedule(lr_schedule, total_steps=None, **kwargs)
+
+
+class StagedModule(L.LightningModule):
+    """Train, validation and test steps that call ``_shared_step(batch, stage)``; the optimizer from
+    ``self.optim_config``; an optimizer's own statistics logged after each training batch."""
+
+    optim_config: OptimConfig
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        log_optimizer_statistics(self)
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "test")
+
+    @override
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        return configure(self, self.optim_config)

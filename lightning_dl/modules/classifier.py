@@ -5,27 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, cast
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_dl.modules._optim import (
-    OptimConfig,
-    check_optimizer,
-    check_schedule,
-    configure,
-    log_optimizer_statistics,
-)
+from lightning_dl.modules._optim import OptimConfig, StagedModule, check_optimizer, check_schedule
 from lightning_dl.nn import MLP, ConvNet
 
 MODELS = ("mlp", "convnet")
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(StagedModule):
     """Classify feature vectors with an :class:`~lightning_dl.nn.MLP` or a :class:`~lightning_dl.nn.ConvNet`, the
     optimizer, norm and initialisation picked by name.
 
@@ -114,23 +106,3 @@ class ClassifierModule(L.LightningModule):
         self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss
-
-    @override
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
-
-    @override
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        log_optimizer_statistics(self)
-
-    @override
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "val")
-
-    @override
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "test")
-
-    @override
-    def configure_optimizers(self) -> OptimizerLRScheduler:
-        return configure(self, self.optim_config)

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from typing_extensions import override
 
 from lightning_dl.data import IGNORE_INDEX
-from lightning_dl.modules._optim import (
-    OptimConfig,
-    check_optimizer,
-    check_schedule,
-    configure,
-    log_optimizer_statistics,
-)
+from lightning_dl.modules._optim import OptimConfig, StagedModule, check_optimizer, check_schedule
 from lightning_dl.nn import TransformerLM
 
 
-class LanguageModelModule(L.LightningModule):
+class LanguageModelModule(StagedModule):
     """Next-token cross-entropy (positions whose target is ``IGNORE_INDEX`` are skipped) with a causal Transformer.
 
     Logs ``<stage>_loss``, ``<stage>_token_acc`` (scored positions predicted right) and ``<stage>_seq_acc``
@@ -85,23 +77,3 @@ class LanguageModelModule(L.LightningModule):
         self.log(f"{stage}_token_acc", token_acc, on_step=False, on_epoch=True, batch_size=size)
         self.log(f"{stage}_seq_acc", seq_acc, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=size)
         return loss
-
-    @override
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
-
-    @override
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        log_optimizer_statistics(self)
-
-    @override
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "val")
-
-    @override
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "test")
-
-    @override
-    def configure_optimizers(self) -> OptimizerLRScheduler:
-        return configure(self, self.optim_config)

@@ -1,8 +1,10 @@
-"""Argument checks shared by the optimizers: each error names the parameter, the value and the valid range."""
+"""What the optimizers share: argument checks whose errors name the parameter, the value and the valid range;
+dense gradients; the closure call."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -39,3 +41,11 @@ def dense_grads(optimizer_name: str, params: Iterable[torch.Tensor]) -> tuple[li
         with_grad.append(p)
         grads.append(p.grad)
     return with_grad, grads
+
+
+def evaluate(closure: Callable[[], Any] | None) -> Any:
+    """Run ``closure`` with gradients enabled (as torch's optimizers do inside ``step``); None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lightning_dl.optim._checks import check_range, dense_grads
+from lightning_dl.optim._checks import check_range, dense_grads, evaluate
 
 
 class AdaptiveSGD(torch.optim.Optimizer):
@@ -58,10 +58,7 @@ class AdaptiveSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         for group in self.param_groups:
             params, grads = dense_grads("AdaptiveSGD", group["params"])
             if not params:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lightning_dl.optim._checks import check_range, dense_grads
+from lightning_dl.optim._checks import check_range, dense_grads, evaluate
 
 BETAS = ("fletcher_reeves", "hestenes_stiefel")
 
@@ -79,10 +79,7 @@ class ConjugateGradient(torch.optim.Optimizer):
         group = self.param_groups[0]
         if group["line_search"] and closure is None:
             raise ValueError("`line_search=True` needs `step(closure)` with a closure that returns the loss.")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         params, grads = dense_grads("ConjugateGradient", group["params"])
         if not params:
             return loss
@@ -130,8 +127,7 @@ class ConjugateGradient(torch.optim.Optimizer):
         for _ in range(group["max_backtracks"] + 1):
             torch._foreach_add_(params, direction, alpha=alpha - moved)
             moved = alpha
-            with torch.enable_grad():
-                trial = float(closure())
+            trial = float(evaluate(closure))
             if trial <= loss + group["c"] * alpha * slope:
                 break
             alpha *= group["shrink"]

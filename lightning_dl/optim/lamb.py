@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_dl.optim._checks import check_betas, check_range, dense_grads
+from lightning_dl.optim._checks import check_betas, check_range, dense_grads, evaluate
 
 
 class LAMB(torch.optim.Optimizer):
@@ -50,10 +50,7 @@ class LAMB(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         for group in self.param_groups:
             params, grads = dense_grads("LAMB", group["params"])
             if not params:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lightning_dl.optim._checks import check_range, dense_grads
+from lightning_dl.optim._checks import check_range, dense_grads, evaluate
 
 
 class LARS(torch.optim.Optimizer):
@@ -66,10 +66,7 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         for group in self.param_groups:
             params, grads = dense_grads("LARS", group["params"])
             if not params:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_dl.optim._checks import check_range, dense_grads
+from lightning_dl.optim._checks import check_range, dense_grads, evaluate
 
 
 class SimplifiedAdam(torch.optim.Optimizer):
@@ -38,10 +38,7 @@ class SimplifiedAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         for group in self.param_groups:
             params, grads = dense_grads("SimplifiedAdam", group["params"])
             if not params:
