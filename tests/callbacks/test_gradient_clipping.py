@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_dl.callbacks import GradientClipping
+from lightning_dl.callbacks import GradientClipping, LRSchedule
 from tests.helpers.distributed import run_distributed
 from tests.helpers.models import TinyRegressor, regression_dataset, tiny_net
 from tests.helpers.trainer import StepRecorder, loader, quiet_trainer
@@ -211,11 +211,13 @@ def test_constructor_rejects_invalid_values(kwargs, match) -> None:
 def _ddp_clipped_fit(rank: int, world_size: int) -> dict:
     module = TinyRegressor(tiny_net(), lr=0.5)
     clipping, recorder = GradientClipping(max_norm=0.05), StepRecorder()
+    schedule = LRSchedule("linear", total_steps=3, log=False)  # the schedule under DDP too
     trainer = quiet_trainer(
-        devices=world_size, strategy="ddp", max_steps=3, log_every_n_steps=1, callbacks=[clipping, recorder]
+        devices=world_size, strategy="ddp", max_steps=3, log_every_n_steps=1, callbacks=[clipping, schedule, recorder]
     )
     trainer.fit(module, DataLoader(regression_dataset(64), batch_size=4))
     return {
+        "lrs": recorder.lrs,
         "grads": recorder.grads,
         "params": [p.detach().clone() for p in module.parameters()],
         "pre_clip": trainer.callback_metrics["grad_norm/pre_clip"].item(),
@@ -223,7 +225,7 @@ def _ddp_clipped_fit(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.distributed
-def test_ddp_norm_equals_single_process_norm_of_the_full_batch() -> None:
+def test_ddp_norm_and_schedule_equal_single_process_on_the_full_batch() -> None:
     ranks = run_distributed(_ddp_clipped_fit, 2, timeout=180)
     # single-process reference on the same global batches, clipped by torch
     dataset = regression_dataset(64)
@@ -239,7 +241,9 @@ def test_ddp_norm_equals_single_process_norm_of_the_full_batch() -> None:
         optimizer.zero_grad()
         F.mse_loss(net(x), y).backward()
         pre = torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+        optimizer.param_groups[0]["lr"] = 0.5 * (1 - step / 3)  # linear schedule, transcribed
         for rank in ranks:
+            assert rank["lrs"][step] == pytest.approx([0.5 * (1 - step / 3)])
             for g_rank, p in zip(rank["grads"][step], net.parameters(), strict=True):
                 torch.testing.assert_close(g_rank, p.grad)
         optimizer.step()
