@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_dl import scaling
 from lightning_dl.callbacks._logging import log_step
 from lightning_dl.callbacks.lr_schedule import LRSchedule, initial_value, write_field
-from lightning_dl.parallel.grad_norm import MicroBatchGradSquares
+from lightning_dl.parallel.grad_norm import MicroBatchGradSquares, total_norm
 
 
 @dataclass(frozen=True)
@@ -220,12 +220,10 @@ class BatchSizeScaling(Callback):
         if self.rule == "adascale" and self._squares is not None and self.geometry is not None:
             small = self._squares.pop()
             if small is not None and self.geometry.num_small >= 2:
+                # ‖ḡ‖² per group, the averaged gradient the optimizer steps with (one multi-tensor norm a group)
                 big = torch.stack(
                     [
-                        sum(
-                            (p.grad.detach().float().pow(2).sum() for p in g["params"] if p.grad is not None),
-                            torch.zeros((), device=small.device),
-                        )
+                        total_norm([p.grad for p in g["params"] if p.grad is not None]).to(small.device).pow(2)
                         for g in optimizer.param_groups
                     ]
                 )
