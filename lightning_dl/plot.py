@@ -114,12 +114,7 @@ def plot_schedule(
     steps = list(range(total_steps + 1))
     for label, schedule in schedules.items():
         if hasattr(schedule, "factor"):
-            original = schedule.total_steps
-            schedule.total_steps = original or total_steps
-            try:
-                values = [base_lr * schedule.factor(s) for s in steps]
-            finally:
-                schedule.total_steps = original
+            values = [base_lr * schedule.factor(s, schedule.total_steps or total_steps) for s in steps]
         else:
             values = [base_lr * schedule(s) for s in steps]
         ax.plot(steps, values, label=label, lw=1.8)

@@ -84,29 +84,31 @@ class LRSchedule(Callback):
         self.warmup_type = warmup_type
         self.warmup_start_ratio = warmup_start_ratio
         self.total_steps = total_steps
+        self._resolved_total: int | None = total_steps  # the length this fit uses (state_dict keeps it)
         self.field = field
         self.log = log
         self.shape_kwargs = shape_kwargs
         self._validate()
 
-    def _validate(self) -> None:
+    def _validate(self, total_steps: int | None = None) -> None:
         schedules.validate_schedule(
             self.shape,
             warmup_steps=self.warmup_steps,
             warmup_type=self.warmup_type,
             warmup_start_ratio=self.warmup_start_ratio,
-            total_steps=self.total_steps,
+            total_steps=total_steps or self.total_steps,
             **self.shape_kwargs,
         )
 
-    def factor(self, step: float) -> float:
-        """The schedule's factor at ``step`` (``total_steps`` must be known)."""
-        if self.total_steps is None:
+    def factor(self, step: float, total_steps: int | None = None) -> float:
+        """The schedule's factor at ``step`` over ``total_steps`` (default: the length resolved for this fit)."""
+        total = total_steps or self._resolved_total
+        if total is None:
             raise RuntimeError("`total_steps` is not known yet: it is resolved when fitting starts.")
         return schedules.lr_factor(
             self.shape,
             step,
-            total_steps=self.total_steps,
+            total_steps=total,
             warmup_steps=self.warmup_steps,
             warmup_type=self.warmup_type,
             warmup_start_ratio=self.warmup_start_ratio,
@@ -120,12 +122,12 @@ class LRSchedule(Callback):
                 f"LRSchedule writes `{self.field}` itself, but `configure_optimizers` also returns the LR scheduler "
                 f"{type(config.scheduler).__name__}: remove one of the two."
             )
-        if self.total_steps is None:
+        if self.total_steps is None and self._resolved_total is None:  # not given, not restored from a checkpoint
             estimated = trainer.estimated_stepping_batches
             if estimated == float("inf"):
                 raise ValueError("LRSchedule needs `total_steps` when the Trainer has no `max_steps` or `max_epochs`.")
-            self.total_steps = int(estimated)
-        self._validate()
+            self._resolved_total = int(estimated)
+        self._validate(self._resolved_total)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 initial_value(group, self.field)
@@ -152,9 +154,14 @@ class LRSchedule(Callback):
                 log_step(pl_module, name, value)
 
     @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._resolved_total = self.total_steps  # the next fit resolves its own length
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"total_steps": self.total_steps}
+        return {"total_steps": self._resolved_total}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.total_steps = state_dict["total_steps"]
+        self._resolved_total = state_dict["total_steps"]

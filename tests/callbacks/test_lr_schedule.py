@@ -33,7 +33,7 @@ def test_lr_per_optimizer_step_follows_the_formula(accumulate) -> None:
     trainer = quiet_trainer(max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[schedule, recorder])
     trainer.fit(TwoGroups(tiny_net()), loader(regression_dataset(96), batch_size=8))
     steps = 2 * 12 // accumulate
-    assert schedule.total_steps == steps == trainer.global_step
+    assert schedule.total_steps is None and steps == trainer.global_step  # the argument is kept, the length resolved
     assert recorder.global_steps == list(range(steps))
     for step, (lr0, lr1) in enumerate(recorder.lrs):
         factor = lr_factor("cosine", step, total_steps=steps, warmup_steps=3, warmup_start_ratio=0.1, min_lr_ratio=0.05)
@@ -107,3 +107,12 @@ def test_resume_reproduces_the_uninterrupted_lrs(tmp_path) -> None:
     assert resumed.lrs == full.lrs[6:]
     for a, b in zip(resumed_params, full_params, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_one_callback_reused_for_fits_of_different_lengths() -> None:
+    schedule, recorder = LRSchedule("linear", log=False), StepRecorder()
+    for steps in (4, 8):
+        recorder.lrs.clear()
+        trainer = quiet_trainer(max_steps=steps, callbacks=[schedule, recorder])
+        trainer.fit(TinyRegressor(tiny_net()), loader(regression_dataset(128)))
+        assert [lr[0] for lr in recorder.lrs] == pytest.approx([0.1 * (1 - s / steps) for s in range(steps)])
