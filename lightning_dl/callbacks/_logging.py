@@ -5,12 +5,12 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from lightning_dl._log_steps import writes_logs
+
 
 def should_log(trainer: L.Trainer) -> bool:
-    """True on the optimizer steps whose metrics Lightning writes to the logger (every ``log_every_n_steps``).
-    ``self.log`` costs about a millisecond a call, so values that would never be written are not logged."""
-    every = getattr(trainer, "log_every_n_steps", 50)  # set by Lightning at runtime
-    return every > 0 and (trainer.global_step + 1) % every == 0
+    """True in ``on_before_optimizer_step`` when Lightning will write this step's logs."""
+    return writes_logs(trainer, trainer.global_step + 1)
 
 
 def log_step(pl_module: L.LightningModule, name: str, value: float | torch.Tensor) -> None:

@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from typing_extensions import override
 
 from lightning_dl import schedules
+from lightning_dl._log_steps import writes_logs
 from lightning_dl.optim import OPTIMIZERS, AdaptiveSGD, build_optimizer
 
 _WARMUP_DEFAULTS: dict[str, Any] = {"warmup_steps": 0, "warmup_type": "linear", "warmup_start_ratio": 0.0}
@@ -83,8 +84,7 @@ def configure(module: L.LightningModule, config: OptimConfig) -> Any:
 def log_optimizer_statistics(module: L.LightningModule) -> None:
     """Log an optimizer's own statistics (``adaptive_sgd``: mean B* and mean η) on Lightning's logging steps."""
     trainer = module.trainer
-    every = getattr(trainer, "log_every_n_steps", 50)
-    if every <= 0 or trainer.global_step % every:
+    if not writes_logs(trainer, trainer.global_step):  # after the step: global_step already counts it
         return
     for optimizer in trainer.optimizers:
         if isinstance(optimizer, AdaptiveSGD):
