@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -55,59 +56,100 @@ def adascale_sample(
     return var.clamp_min(1e-6), sqr.clamp_min(0.0)
 
 
+class DebiasedEMA:
+    """Exponential moving average with the start-up bias removed: ``biased ← d·biased + (1 − d)·x``,
+    ``weight ← d·weight + (1 − d)``, value ``biased / weight``. Works on floats and on tensors (element-wise).
+
+    Example::
+
+        >>> ema = DebiasedEMA(0.9)
+        >>> ema.update(2.0), round(ema.update(4.0), 4)  # the first value is returned as is, then a weighted mean
+        (2.0, 3.0526)
+    """
+
+    def __init__(self, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"the EMA decay must lie in [0, 1), got {decay!r}.")
+        self.decay = decay
+        self.biased: Any = None
+        self.weight = 0.0
+
+    def update(self, value: Any) -> Any:
+        """Fold in ``value``; returns the new average."""
+        rate = 1.0 - self.decay
+        self.biased = value * rate if self.biased is None else self.biased * self.decay + value * rate
+        self.weight = self.weight * self.decay + rate
+        return self.value
+
+    @property
+    def value(self) -> Any:
+        """The average, or None before the first update."""
+        return None if self.biased is None else self.biased / self.weight
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "biased": self.biased, "weight": self.weight}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay, self.biased, self.weight = state["decay"], state["biased"], state["weight"]
+
+
 @dataclass
 class AdaScaleEstimator:
-    """Debiased exponential moving averages of AdaScale's σ² and μ² per parameter group, and the gain they give.
+    """Debiased moving averages of AdaScale's σ² and μ² per parameter group, and the gain they give.
 
-    ``smoothing`` is the EMA decay; ``None`` picks ``max(0, 1 − num_small/1000)`` at the first update. The state is
-    a plain dict of floats (``state_dict``), so resuming reproduces the same gains.
+    ``smoothing`` is the EMA decay; ``None`` picks ``max(0, 1 − num_small/1000)`` at the first update (fairscale's
+    default). The state is plain floats (``state_dict``), so resuming reproduces the same gains.
     """
 
     num_groups: int
     smoothing: float | None = None
-    var_biased: list[float] = field(default_factory=list)
-    sqr_biased: list[float] = field(default_factory=list)
-    unbias: float = 0.0
+    var: list[DebiasedEMA] = field(default_factory=list)
+    sqr: list[DebiasedEMA] = field(default_factory=list)
 
     def update(self, small_sq_sum: torch.Tensor, big_sq: torch.Tensor, num_small: int, scale: float) -> None:
         """Fold in one step's measurements (``small_sq_sum`` and ``big_sq`` hold one entry per group)."""
         var, sqr = adascale_sample(small_sq_sum.double(), big_sq.double(), num_small, scale)
         if self.smoothing is None:
             self.smoothing = max(1.0 - num_small / 1000.0, 0.0)
-        beta = self.smoothing
-        if not self.var_biased:
-            self.var_biased, self.sqr_biased = [0.0] * self.num_groups, [0.0] * self.num_groups
-        self.var_biased = [beta * b + (1 - beta) * v for b, v in zip(self.var_biased, var.tolist(), strict=True)]
-        self.sqr_biased = [beta * b + (1 - beta) * s for b, s in zip(self.sqr_biased, sqr.tolist(), strict=True)]
-        self.unbias = beta * self.unbias + (1 - beta)
+        if not self.var:
+            self.var = [DebiasedEMA(self.smoothing) for _ in range(self.num_groups)]
+            self.sqr = [DebiasedEMA(self.smoothing) for _ in range(self.num_groups)]
+        for ema, value in zip(self.var, var.tolist(), strict=True):
+            ema.update(value)
+        for ema, value in zip(self.sqr, sqr.tolist(), strict=True):
+            ema.update(value)
 
     def gain(self, scale: float, group: int | None = None) -> float:
         """``(σ² + μ²)/(σ²/S + μ²)`` for one group, or with σ² and μ² summed over groups when ``group`` is None;
         1 before the first update."""
-        if not self.var_biased:
+        if not self.var:
             return 1.0
-        if group is None:
-            var, sqr = sum(self.var_biased) / self.unbias, sum(self.sqr_biased) / self.unbias
-        else:
-            var, sqr = self.var_biased[group] / self.unbias, self.sqr_biased[group] / self.unbias
+        groups = range(self.num_groups) if group is None else [group]
+        var = sum(self.var[i].value for i in groups)
+        sqr = sum(self.sqr[i].value for i in groups)
         return (var + sqr) / (var / scale + sqr)
 
     def rescale(self, old_scale: float, new_scale: float) -> None:
         """Keep σ² consistent when S changes (σ² is measured in units of S)."""
-        self.var_biased = [v * old_scale / new_scale for v in self.var_biased]
+        for ema in self.var:
+            if ema.biased is not None:
+                ema.biased *= old_scale / new_scale
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "smoothing": self.smoothing,
-            "var_biased": list(self.var_biased),
-            "sqr_biased": list(self.sqr_biased),
-            "unbias": self.unbias,
+            "var": [e.state_dict() for e in self.var],
+            "sqr": [e.state_dict() for e in self.sqr],
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.smoothing = state["smoothing"]
-        self.var_biased, self.sqr_biased = list(state["var_biased"]), list(state["sqr_biased"])
-        self.unbias = state["unbias"]
+        self.var, self.sqr = [], []
+        for name in ("var", "sqr"):
+            for entry in state[name]:
+                ema = DebiasedEMA(entry["decay"])
+                ema.load_state_dict(entry)
+                getattr(self, name).append(ema)
 
 
 def noise_scale_sample(small_sq: float, big_sq: float, small_batch: float, big_batch: float) -> tuple[float, float]:

@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_dl.callbacks._logging import log_step, should_log
 from lightning_dl.callbacks.batch_size_scaling import BatchGeometry, batch_geometry, reduce_sum
 from lightning_dl.parallel.grad_norm import MicroBatchGradSquares
-from lightning_dl.scaling import noise_scale_sample
+from lightning_dl.scaling import DebiasedEMA, noise_scale_sample
 
 MCALLESTER_LAMBDA_B = 16.0
 
@@ -38,30 +38,6 @@ def _batch_length(batch: Any) -> int:
     if not lengths:
         raise ValueError("GradientNoiseScale cannot split a batch that holds no tensors.")
     return lengths[0]
-
-
-class _Ema:
-    """Debiased exponential moving average of a float or a tensor."""
-
-    def __init__(self, decay: float) -> None:
-        self.decay, self.biased, self.weight = decay, None, 0.0
-
-    def update(self, value: Any) -> Any:
-        self.biased = (
-            value * (1 - self.decay) if self.biased is None else self.biased * self.decay + value * (1 - self.decay)
-        )
-        self.weight = self.weight * self.decay + (1 - self.decay)
-        return self.value
-
-    @property
-    def value(self) -> Any:
-        return None if self.biased is None else self.biased / self.weight
-
-    def state_dict(self) -> dict:
-        return {"biased": self.biased, "weight": self.weight}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.biased, self.weight = state["biased"], state["weight"]
 
 
 class GradientNoiseScale(Callback):
@@ -126,13 +102,30 @@ class GradientNoiseScale(Callback):
         self._coordinates: dict[int, torch.Tensor] | None = None
         self.batch_size = batch_size
         self.suggest_batch_size = suggest_batch_size
-        self.grad_sq, self.trace = _Ema(ema_decay), _Ema(ema_decay)
-        self.coord_grad_sq, self.coord_var = _Ema(ema_decay), _Ema(ema_decay)
-        self.b_simple: float | None = None
-        self.b_star_median: float | None = None
+        self.grad_sq, self.trace = DebiasedEMA(ema_decay), DebiasedEMA(ema_decay)
+        self.coord_grad_sq, self.coord_var = DebiasedEMA(ema_decay), DebiasedEMA(ema_decay)
         self._squares: MicroBatchGradSquares | None = None
         self._batch: tuple[Any, int] | None = None
         self._geometry: BatchGeometry | None = None
+
+    @property
+    def b_simple(self) -> float | None:
+        """The current estimate of ``tr(Σ)/|G|²`` (None before the first measurement)."""
+        g2, trace = self.grad_sq.value, self.trace.value
+        if g2 is None:
+            return None
+        return trace / g2 if g2 > 0 else float("inf")
+
+    @property
+    def b_star_median(self) -> float | None:
+        """The median over the followed coordinates of ``16·σ²/g²`` (coordinates with ``g² > 0``)."""
+        g2, var = self.coord_grad_sq.value, self.coord_var.value
+        if g2 is None:
+            return None
+        informative = g2 > 0
+        if not informative.any():
+            return None
+        return (MCALLESTER_LAMBDA_B * var.clamp_min(0)[informative] / g2[informative]).median().item()
 
     def _params(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
         return [p for p in pl_module.parameters() if p.requires_grad]
@@ -205,7 +198,7 @@ class GradientNoiseScale(Callback):
         if self._squares is not None:
             small_sq, small_vec, b_small, b_big = self._from_micro_batches(params, self._geometry)
         else:
-            small_sq, small_vec, b_small, b_big = self._from_half_batch(pl_module, params, grads)
+            small_sq, small_vec, b_small, b_big = self._from_half_batch(pl_module, params, grads, big_sq)
         self._update(float(small_sq), float(big_sq), small_vec, big_vec, b_small, b_big)
 
     def _from_micro_batches(
@@ -222,7 +215,11 @@ class GradientNoiseScale(Callback):
         return small_sq.sum(), small_vec, float(geometry.per_device), float(geometry.effective)
 
     def _from_half_batch(
-        self, pl_module: L.LightningModule, params: list[torch.nn.Parameter], big: list[torch.Tensor]
+        self,
+        pl_module: L.LightningModule,
+        params: list[torch.nn.Parameter],
+        big: list[torch.Tensor],
+        big_sq: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
         """Gradient of the first half by an extra ``training_step``; the second half's follows for free from the
         full-batch gradient, ``g₂ = (n·G − n₁·g₁)/n₂``, so two small gradients are averaged at the cost of one."""
@@ -242,7 +239,6 @@ class GradientNoiseScale(Callback):
         g1 = [torch.zeros_like(p) if g is None else g.detach().float() for p, g in zip(params, grads, strict=True)]
         # |g₂|² without forming g₂: (n²|G|² − 2 n n₁ G·g₁ + n₁²|g₁|²) / n₂²
         g1_sq = torch.stack(torch._foreach_norm(g1)).pow(2).sum()
-        big_sq = torch.stack(torch._foreach_norm(big)).pow(2).sum()
         dot = sum((ga * gb).sum() for ga, gb in zip(g1, big, strict=True))
         g2_sq = (size**2 * big_sq - 2 * size * n1 * dot + n1**2 * g1_sq) / n2**2
         small_sq = (g1_sq + g2_sq) / 2
@@ -264,15 +260,12 @@ class GradientNoiseScale(Callback):
         b_big: float,
     ) -> None:
         g2, trace = noise_scale_sample(small_sq, big_sq, b_small, b_big)
-        g2_avg, trace_avg = self.grad_sq.update(g2), self.trace.update(trace)
-        self.b_simple = trace_avg / g2_avg if g2_avg > 0 else float("inf")
+        self.grad_sq.update(g2)
+        self.trace.update(trace)
         if small_vec is not None and big_vec is not None:
             coord_g2, coord_var = noise_scale_sample(small_vec, big_vec.pow(2), b_small, b_big)  # type: ignore[arg-type]
-            coord_g2, coord_var = self.coord_grad_sq.update(coord_g2), self.coord_var.update(coord_var)
-            informative = coord_g2 > 0
-            if informative.any():
-                ratio = MCALLESTER_LAMBDA_B * coord_var.clamp_min(0)[informative] / coord_g2[informative]
-                self.b_star_median = ratio.median().item()
+            self.coord_grad_sq.update(coord_g2)
+            self.coord_var.update(coord_var)
 
     def _log(self, pl_module: L.LightningModule) -> None:
         log_step(pl_module, "noise_scale/grad_sq", float(self.grad_sq.value))
@@ -298,5 +291,3 @@ class GradientNoiseScale(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for name, state in state_dict.items():
             getattr(self, name).load_state_dict(state)
-        g2, trace = self.grad_sq.value, self.trace.value
-        self.b_simple = None if g2 is None else (trace / g2 if g2 > 0 else float("inf"))

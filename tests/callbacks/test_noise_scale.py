@@ -5,6 +5,8 @@ With x ~ N(0, I_d), y = w*·x + ε (ε ~ N(0, σ²)), loss (w·x − y)² and δ
 σ_j² = 4(|δ|² + δ_j² + σ²) and g_j² = 4δ_j², so McAllester's B*_j = 16 σ_j² / g_j².
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -112,3 +114,15 @@ def test_estimates_within_15_percent_under_ddp() -> None:
 def test_constructor_rejects_invalid_values(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         GradientNoiseScale(**kwargs)
+
+
+def test_loaded_state_gives_the_same_estimates_before_any_new_measurement() -> None:
+    dataset, w_star = _data(20 * 32)
+    callback = GradientNoiseScale(every_n_steps=1)
+    quiet_trainer(max_steps=20, accumulate_grad_batches=2, callbacks=[callback]).fit(
+        _module(w_star), DataLoader(dataset, batch_size=16)
+    )
+    restored = GradientNoiseScale(every_n_steps=1)
+    restored.load_state_dict(copy.deepcopy(callback.state_dict()))
+    assert restored.b_simple == callback.b_simple and restored.b_star_median == callback.b_star_median
+    assert restored.b_star_median is not None
