@@ -85,7 +85,6 @@ if __name__ == "__main__":
     IMAGES.mkdir(parents=True, exist_ok=True)
     schedules()
     clipping()
-    recipe("large_batch.py", {"val_acc.png": "large_batch.png", "results.json": "large_batch.json"})
-    for name in ("optimizers", "init", "norms"):
+    for name in ("large_batch", "optimizers", "init", "norms"):
         recipe(f"{name}.py", {f"{name}.png": f"{name}.png", f"{name}.json": f"{name}.json", f"{name}.md": f"{name}.md"})
     print(f"wrote the figures under {IMAGES}")

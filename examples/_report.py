@@ -32,6 +32,17 @@ class StepLoss(Callback):
         self.losses.append(float(loss))
 
 
+class ValAccuracy(Callback):
+    """Validation accuracy (``val_acc``) at the end of every epoch, sanity check excluded."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.values.append(float(trainer.callback_metrics["val_acc"]))
+
+
 def environment() -> dict[str, Any]:
     return {
         "torch": torch.__version__,

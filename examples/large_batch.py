@@ -8,28 +8,16 @@ warmup from η, for the same number of epochs. Writes a table and a PNG of valid
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import lightning as L
-import torch
+from _report import ValAccuracy, write  # examples/ is on sys.path when a recipe runs
 from lightning.pytorch.callbacks import Callback
 
 from lightning_dl.callbacks import BatchSizeScaling, LRSchedule
 from lightning_dl.data import DigitsDataModule
 from lightning_dl.modules import ClassifierModule
-
-
-class EpochAccuracy(Callback):
-    """Validation accuracy at the end of every epoch."""
-
-    def __init__(self) -> None:
-        self.val_acc: list[float] = []
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self.val_acc.append(float(trainer.callback_metrics["val_acc"]))
 
 
 def run(name: str, batch_size: int, make_callbacks, args: argparse.Namespace) -> dict:
@@ -52,7 +40,7 @@ def run(name: str, batch_size: int, make_callbacks, args: argparse.Namespace) ->
 
 def run_once(batch_size: int, callbacks: list[Callback], args: argparse.Namespace, seed: int) -> dict:
     L.seed_everything(seed, verbose=False)
-    accuracy = EpochAccuracy()
+    accuracy = ValAccuracy()
     module = ClassifierModule(hidden_sizes=[256, 256], dropout=0.0, optimizer="momentum", lr=args.lr, weight_decay=1e-4)
     data = DigitsDataModule(batch_size=batch_size, seed=0)
     trainer = L.Trainer(
@@ -74,7 +62,7 @@ def run_once(batch_size: int, callbacks: list[Callback], args: argparse.Namespac
         "seed": seed,
         "final_lr": lrs[0],
         "steps": trainer.global_step,
-        "val_acc": accuracy.val_acc,
+        "val_acc": accuracy.values,
         "test_acc": test_acc,
         "seconds": seconds,
     }
@@ -126,18 +114,19 @@ def report(runs: list[dict], args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    args.out.mkdir(parents=True, exist_ok=True)
     baseline = runs[0]["final_val_acc"]
-    lines = [
-        "| run | steps | final val acc | vs baseline | test acc | seconds per run |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    header = ["run", "steps", "final val acc", "vs baseline", "test acc", "seconds per run"]
+    rows = [
+        [
+            r["run"],
+            r["steps"],
+            f"{r['final_val_acc']:.4f}",
+            f"{100 * (r['final_val_acc'] - baseline):+.1f} pt",
+            f"{r['test_acc']:.4f}",
+            f"{r['seconds']:.1f}",
+        ]
+        for r in runs
     ]
-    for r in runs:
-        lines.append(
-            f"| {r['run']} | {r['steps']} | {r['final_val_acc']:.4f} | {100 * (r['final_val_acc'] - baseline):+.1f} pt "
-            f"| {r['test_acc']:.4f} | {r['seconds']:.1f} |"
-        )
-    table = "\n".join(lines)
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     for r in runs:
         ax.plot(range(1, len(r["val_acc"]) + 1), r["val_acc"], label=r["run"], lw=1.8)
@@ -147,17 +136,8 @@ def report(runs: list[dict], args: argparse.Namespace) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(f"Linear scaling on digits (SGD momentum 0.9, η={args.lr}, mean of {args.seeds} seeds)")
-    png = args.out / "val_acc.png"
-    fig.savefig(png, dpi=120)
+    write(args.out, "large_batch", header, rows, {"args": vars(args) | {"out": str(args.out)}, "runs": runs}, fig)
     plt.close(fig)
-    environment = {"torch": torch.__version__, "lightning": L.__version__, "threads": torch.get_num_threads()}
-    (args.out / "results.json").write_text(
-        json.dumps({"args": vars(args) | {"out": str(args.out)}, "runs": runs, "environment": environment}, indent=2)
-    )
-    (args.out / "table.md").write_text(table + "\n")
-    print()
-    print(table)
-    print(f"\ntable  {args.out / 'table.md'}\nplot   {png}\nJSON   {args.out / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -11,21 +11,11 @@ import statistics
 from pathlib import Path
 
 import lightning as L
-from _report import StepLoss, write  # examples/ is on sys.path when a recipe runs
-from lightning.pytorch.callbacks import Callback
+from _report import StepLoss, ValAccuracy, write  # examples/ is on sys.path when a recipe runs
 
 from lightning_dl.data import DigitsDataModule
 from lightning_dl.modules import ClassifierModule
 from lightning_dl.nn import NORMS
-
-
-class ValAccuracy(Callback):
-    def __init__(self) -> None:
-        self.values: list[float] = []
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self.values.append(float(trainer.callback_metrics["val_acc"]))
 
 
 def main() -> None:
@@ -36,6 +26,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
     results = {}
     for index, norm in enumerate(NORMS, start=1):
         print(f"[{index}/{len(NORMS)}] ConvNet with norm={norm!r}", flush=True)

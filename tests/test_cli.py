@@ -82,10 +82,10 @@ def test_default_recipe_reaches_095_and_reports_its_files(tmp_path) -> None:
 def test_large_batch_recipe_writes_its_table_and_plot(tmp_path) -> None:
     result = _run("run", "large-batch", "--epochs=2", "--warmup-epochs=1", "--seeds=1", "--out=lb", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    table = (tmp_path / "lb" / "table.md").read_text().splitlines()
+    table = (tmp_path / "lb" / "large_batch.md").read_text().splitlines()
     assert len(table) == 6 and table[2].startswith("| baseline B=32")
-    assert (tmp_path / "lb" / "val_acc.png").read_bytes()[:4] == b"\x89PNG"
-    runs = json.loads((tmp_path / "lb" / "results.json").read_text())["runs"]
+    assert (tmp_path / "lb" / "large_batch.png").read_bytes()[:4] == b"\x89PNG"
+    runs = json.loads((tmp_path / "lb" / "large_batch.json").read_text())["runs"]
     assert [r["steps"] for r in runs] == [80, 10, 10, 10]
     assert runs[2]["final_lr"] == pytest.approx(8 * 0.03)  # linear scaling applied
     assert len(runs[0]["val_acc"]) == 2
@@ -145,3 +145,8 @@ def test_digits_recipe_takes_optimizer_norm_and_init_by_name(tmp_path) -> None:
     assert float(report["test acc"]) > 0.9
     hparams = next(tmp_path.glob("runs/digits/version_*/hparams.yaml")).read_text()
     assert "optimizer: lamb" in hparams and "norm: layer" in hparams and "init: he_normal" in hparams
+
+
+def test_norms_recipe_rejects_a_non_positive_lr(tmp_path) -> None:
+    result = _run("run", "norms", "--lr=0", cwd=tmp_path)
+    assert result.returncode == 2 and "--lr must be > 0, got 0.0" in result.stderr
