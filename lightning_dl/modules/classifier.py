@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_dl.modules._optim import OptimConfig, StagedModule, check_optimizer, check_schedule
+from lightning_dl.modules._base import OptimConfig, StagedModule, check_optimizer, check_schedule
 from lightning_dl.nn import MLP, ConvNet
 
 MODELS = ("mlp", "convnet")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from lightning_dl.data import IGNORE_INDEX
-from lightning_dl.modules._optim import OptimConfig, StagedModule, check_optimizer, check_schedule
+from lightning_dl.modules._base import OptimConfig, StagedModule, check_optimizer, check_schedule
 from lightning_dl.nn import TransformerLM
 
 
