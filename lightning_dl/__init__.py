@@ -11,4 +11,6 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+from lightning_dl import strategies  # registers the strategy names
+
+__all__ = ["__version__", "strategies"]

@@ -1,2 +1,11 @@
 """Lightning ``Strategy`` subclasses, registered by name in Lightning's ``StrategyRegistry`` when
 ``lightning_dl`` is imported (glue over the torch-only machinery in ``lightning_dl.parallel``)."""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_dl.strategies.async_sgd import AsyncSGDStrategy
+
+__all__ = ["AsyncSGDStrategy"]
+
+for _strategy in (AsyncSGDStrategy,):
+    _strategy.register_strategies(StrategyRegistry)

@@ -1,0 +1,103 @@
+"""What the asynchronous strategies share: processes that hold no common process group (collectives are local),
+rank 0 alone validates, checkpoints and stops early, and a worker's ``global_step`` follows a global count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from typing_extensions import override
+
+START_METHODS = ("spawn", "fork", "forkserver")
+
+
+class AsyncBase(ParallelStrategy):
+    """Processes launched by ``TolerantLauncher`` that never run a collective: ``barrier`` returns at once,
+    ``reduce``/``broadcast``/``all_gather`` return the local value. ``in_process`` is True outside ``fit`` (test,
+    validate and predict run in the calling process on the trained parameters)."""
+
+    in_process = True
+
+    @property
+    def _module(self) -> L.LightningModule:
+        assert self.lightning_module is not None
+        return self.lightning_module
+
+    @property
+    def _trainer(self) -> L.Trainer:
+        return self._module.trainer
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[0 if self.in_process else self.local_rank]
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @property
+    def is_distributed(self) -> bool:
+        return not self.in_process
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.in_process:
+            return
+        assert self.cluster_environment is not None
+        self.cluster_environment.set_world_size(self.num_processes)
+        self.cluster_environment.set_global_rank(self.cluster_environment.local_rank())
+        rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        pass
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    @override
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        return tensor
+
+    @override
+    def all_gather(self, tensor: torch.Tensor, group: Any = None, sync_grads: bool = False) -> torch.Tensor:
+        return tensor
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        return decision
+
+
+def leave_evaluation_to_rank_zero(trainer: L.Trainer) -> None:
+    """On a process other than the one that validates: no validation, no checkpoints, no early stopping (it stops
+    when told to)."""
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    trainer.callbacks = [c for c in callbacks if not isinstance(c, Checkpoint | EarlyStopping)]  # type: ignore[attr-defined]
+    trainer.limit_val_batches = 0
+    trainer.num_sanity_val_steps = 0
+
+
+def set_global_step(trainer: L.Trainer, count: int, *, after_step: bool) -> None:
+    """Make ``trainer.global_step`` a global update count. Inside ``optimizer_step`` Lightning adds one when the
+    step returns, so the count is set one lower there."""
+    progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+    progress.ready = count
+    progress.completed = count - 1 if after_step else count
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
