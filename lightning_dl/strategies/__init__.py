@@ -4,8 +4,9 @@
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dl.strategies.async_sgd import AsyncSGDStrategy
+from lightning_dl.strategies.hogwild import HogwildStrategy
 
-__all__ = ["AsyncSGDStrategy"]
+__all__ = ["AsyncSGDStrategy", "HogwildStrategy"]
 
-for _strategy in (AsyncSGDStrategy,):
+for _strategy in (AsyncSGDStrategy, HogwildStrategy):
     _strategy.register_strategies(StrategyRegistry)

@@ -12,7 +12,7 @@ def assign_shards(numels: Sequence[int], num_servers: int) -> list[int]:
     Example::
 
         >>> assign_shards([100, 10, 60, 50], num_servers=2)
-        [0, 1, 1, 1]
+        [0, 0, 1, 1]
     """
     if num_servers < 1:
         raise ValueError(f"`num_servers` must be >= 1, got {num_servers!r}.")

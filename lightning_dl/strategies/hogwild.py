@@ -1,0 +1,163 @@
+"""Hogwild (Niu et al. 2011) as a Lightning strategy: ``Trainer(strategy="hogwild")``. The ``devices`` processes
+share the module's parameters through shared memory and each steps them with its own optimizer on its own shard
+of the training data, without locks. ``trainer.global_step`` counts the steps of all processes together, so
+``max_steps`` and LR schedules follow the global count; rank 0 validates, logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_dl._log_steps import writes_logs
+from lightning_dl.strategies._base import (
+    START_METHODS,
+    AsyncBase,
+    leave_evaluation_to_rank_zero,
+    set_global_step,
+)
+from lightning_dl.strategies._launcher import TolerantLauncher
+
+
+class HogwildStrategy(AsyncBase):
+    """Lock-free shared-memory SGD across ``devices`` processes on one machine.
+
+    Args:
+        start_method: how the processes are started (``spawn``, ``fork`` or ``forkserver``).
+        grace: seconds the other processes get to stop after rank 0 ends or dies.
+
+    Example::
+
+        >>> import lightning as L
+        >>> import lightning_dl  # registers "hogwild"
+        >>> trainer = L.Trainer(strategy="hogwild", accelerator="cpu", devices=3, max_steps=100)
+        >>> type(trainer.strategy).__name__
+        'HogwildStrategy'
+    """
+
+    strategy_name = "hogwild"
+
+    def __init__(
+        self,
+        *,
+        start_method: str = "spawn",
+        grace: float = 60.0,
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        if start_method not in START_METHODS:
+            raise ValueError(f"`start_method` must be one of {START_METHODS}, got {start_method!r}.")
+        if not grace > 0:
+            raise ValueError(f"`grace` must be > 0 seconds, got {grace!r}.")
+        self.start_method = start_method
+        self.grace = grace
+        self._steps: torch.Tensor | None = None  # steps per process, in shared memory
+        self._stop: torch.Tensor | None = None  # rank 0 sets it when training ends
+        self._window = (0, 0.0)
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        if self.lightning_module is not None and self._trainer.training:
+            return {"num_replicas": self.num_processes, "rank": self.global_rank}
+        return {"num_replicas": 1, "rank": 0}  # rank 0 validates on the whole validation set
+
+    @override
+    def _configure_launcher(self) -> None:
+        if self.num_processes < 2:
+            raise ValueError(
+                f"`strategy='hogwild'` needs `devices` >= 2 processes sharing the parameters, got "
+                f"devices={self.num_processes}."
+            )
+        self._steps = torch.zeros(self.num_processes, dtype=torch.int64).share_memory_()
+        self._stop = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._launcher = _SharingLauncher(self, self.start_method, essential=1, share_memory=True, grace=self.grace)
+
+    @override
+    def setup(self, trainer: L.Trainer) -> None:
+        super().setup(trainer)
+        if self.in_process or trainer.state.fn != TrainerFn.FITTING:
+            return
+        module = self._module
+        if not module.automatic_optimization or len(self.optimizers) != 1:
+            raise ValueError(
+                "`strategy='hogwild'` steps one optimizer per process with automatic optimization; the module has "
+                f"automatic_optimization={module.automatic_optimization} and {len(self.optimizers)} optimizers."
+            )
+        for param in module.parameters():
+            if not param.is_shared():
+                raise RuntimeError("Hogwild needs the parameters in shared memory; the launcher did not share them.")
+        if self.global_rank != 0:
+            leave_evaluation_to_rank_zero(trainer)
+
+    @override
+    def on_train_start(self) -> None:
+        assert self._steps is not None
+        self._window = (int(self._steps.sum()), time.monotonic())
+        set_global_step(self._trainer, int(self._steps.sum()) or self._trainer.global_step, after_step=False)
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)  # the update lands in shared memory
+        if self.in_process:
+            return out
+        assert self._steps is not None and self._stop is not None
+        self._steps[self.global_rank] += 1  # one writer per slot: no lock needed
+        trainer = self._trainer
+        total = int(self._steps.sum())
+        set_global_step(trainer, total, after_step=True)
+        if self._stop.item():
+            trainer.should_stop = True
+        if self.global_rank == 0 and writes_logs(trainer, total):
+            done, since = self._window
+            now = time.monotonic()
+            self._module.log("hogwild/updates_per_s", (total - done) / max(now - since, 1e-9), batch_size=1)
+            self._window = (total, now)
+        return out
+
+    @override
+    def on_train_end(self) -> None:
+        if self.global_rank == 0 and self._stop is not None:
+            self._stop.fill_(1)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self.on_train_end()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            "hogwild",
+            cls,
+            description="Hogwild: lock-free SGD on parameters shared in memory by several processes",
+            override=True,
+        )
+
+
+class _SharingLauncher(TolerantLauncher):
+    """Puts the module's parameters in shared memory before the processes start, so every process steps the same
+    storage. On resume from a checkpoint each process loads the same values into that storage."""
+
+    def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, torch.nn.Module):
+                arg.share_memory()
+        return super().launch(function, *args, trainer=trainer, **kwargs)
