@@ -42,6 +42,7 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("optimizers", "optimizers.py", None, "every optimizer on the same digits MLP: loss curves, accuracy, time"),
     Recipe("init", "init.py", None, "activation scale through 10 tanh and ReLU layers under four initialisations"),
     Recipe("norms", "norms.py", None, "the digits ConvNet with each normalization: curves and table"),
+    Recipe("async", "async_sgd.py", None, "digits with a parameter server and 2 async workers: staleness, accuracy"),
     Recipe("charlm", "charlm.py", "configs/charlm.yaml", "a causal Transformer learns to reverse symbol strings"),
 )
 

@@ -53,6 +53,8 @@ class TolerantLauncher(_MultiProcessingLauncher):
             self._async.in_process = True
             return function(*args, **kwargs)
         self._async.in_process = False
+        for logger in trainer.loggers:  # fix each version here, so the processes and this one share the directory
+            _ = logger.version
         assert self._strategy.cluster_environment is not None
         os.environ["MASTER_PORT"] = str(self._strategy.cluster_environment.main_port)
         context = mp.get_context(self._start_method)

@@ -45,11 +45,10 @@ def _script(seed: int = 0, steps: int = 12):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     last = [0, 0, 0]
-    pushes, version = [], 0
-    for _ in range(steps):
+    pushes = []
+    for version in range(1, steps + 1):
         worker = rng.randrange(3)
         pushes.append((worker, last[worker], torch.randn(5, generator=gen)))
-        version += 1
         last[worker] = version
     return pushes
 
@@ -60,7 +59,7 @@ def test_server_equals_sequential_replay_of_its_formula(policy):
     w, used, server = _serve(policy, pushes)
     # literal transcription of the update rules, replayed in the recorded order
     theta = torch.linspace(-1, 1, 5)
-    for (worker, version, g), (staleness, stale) in zip(pushes, used, strict=True):
+    for (_, _, g), (staleness, stale) in zip(pushes, used, strict=True):
         if policy == "none":
             theta = theta - LR * g
         elif policy == "inverse":
@@ -159,7 +158,7 @@ def test_shards_balance_whole_tensors():
     shards = assign_shards([1000, 10, 990, 20, 5], num_servers=2)
     owners = shard_indices(shards, 2)
     loads = [sum([1000, 10, 990, 20, 5][i] for i in owner) for owner in owners]
-    assert sorted(sum(owners, [])) == [0, 1, 2, 3, 4]
+    assert sorted(i for owner in owners for i in owner) == [0, 1, 2, 3, 4]
     assert abs(loads[0] - loads[1]) <= 25
     with pytest.raises(ValueError, match="num_servers=6"):
         assign_shards([1, 2, 3], num_servers=6)
