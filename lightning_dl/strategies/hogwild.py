@@ -70,6 +70,7 @@ class HogwildStrategy(AsyncBase):
         self.grace = grace
         self._steps: torch.Tensor | None = None  # steps per process, in shared memory
         self._stop: torch.Tensor | None = None  # rank 0 sets it when training ends
+        self._ready: torch.Tensor | None = None  # one slot per process, set when it is about to train
         self._window = (0, 0.0)
 
     @property
@@ -88,6 +89,7 @@ class HogwildStrategy(AsyncBase):
             )
         self._steps = torch.zeros(self.num_processes, dtype=torch.int64).share_memory_()
         self._stop = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._ready = torch.zeros(self.num_processes, dtype=torch.int64).share_memory_()
         self._launcher = _SharingLauncher(self, self.start_method, essential=1, share_memory=True, grace=self.grace)
 
     @override
@@ -109,7 +111,14 @@ class HogwildStrategy(AsyncBase):
 
     @override
     def on_train_start(self) -> None:
-        assert self._steps is not None
+        assert self._steps is not None and self._ready is not None
+        self._ready[self.global_rank] = 1  # start together, so no process trains alone while others still load
+        deadline = time.monotonic() + self.grace
+        while int(self._ready.sum()) < self.num_processes:
+            if time.monotonic() > deadline:
+                missing = (self._ready == 0).nonzero().flatten().tolist()
+                raise TimeoutError(f"Hogwild ranks {missing} did not start training within {self.grace} s.")
+            time.sleep(0.01)
         self._window = (int(self._steps.sum()), time.monotonic())
         set_global_step(self._trainer, int(self._steps.sum()) or self._trainer.global_step, after_step=False)
 
