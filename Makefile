@@ -24,6 +24,7 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/bench_callbacks.py
 	$(PY) benchmarks/bench_optimizers.py
+	$(PY) benchmarks/bench_async.py
 
 figures: $(VENV)/.installed-dev
 	$(PY) docs/figures.py
