@@ -24,7 +24,7 @@ def test_unknown_recipe_lists_the_known_ones(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["run", "mnist"])
     assert exit_info.value.code == 2
-    assert "Unknown recipe 'mnist'; known recipes: digits, large-batch, optimizers, init, norms, charlm" in (
+    assert "Unknown recipe 'mnist'; known recipes: digits, large-batch, optimizers, init, norms, async, charlm" in (
         capsys.readouterr().err
     )
 
