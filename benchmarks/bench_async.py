@@ -111,6 +111,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8, help="budget; the target is reached well before")
     parser.add_argument("--lr", type=float, default=0.1)
     args = parser.parse_args()
+    if args.workers < 1 or args.epochs < 1:
+        parser.error(f"--workers and --epochs must be >= 1, got {args.workers} and {args.epochs}")
+    if not (args.target > 0 and args.lr > 0):
+        parser.error(f"--target and --lr must be > 0, got {args.target} and {args.lr}")
     w = args.workers
     contenders = {
         "ddp": (lambda: "ddp_spawn", w, w - 1),

@@ -22,6 +22,26 @@ class AsyncBase(ParallelStrategy):
 
     in_process = True
 
+    def __init__(self, *, start_method: str = "spawn", **parallel_kwargs: Any) -> None:
+        super().__init__(**parallel_kwargs)
+        if start_method not in START_METHODS:
+            raise ValueError(f"`start_method` must be one of {START_METHODS}, got {start_method!r}.")
+        self.start_method = start_method
+
+    def _check_devices(self, name: str, least: int, why: str) -> None:
+        if self.num_processes < least:
+            raise ValueError(
+                f"`strategy='{name}'` needs `devices` >= {least} ({why}), got devices={self.num_processes}."
+            )
+
+    def _check_one_optimizer(self, name: str, what: str) -> None:
+        module = self._module
+        if not module.automatic_optimization or len(self.optimizers) != 1:
+            raise ValueError(
+                f"`strategy='{name}'` {what} with automatic optimization; the module has "
+                f"automatic_optimization={module.automatic_optimization} and {len(self.optimizers)} optimizers."
+            )
+
     @property
     def _module(self) -> L.LightningModule:
         assert self.lightning_module is not None

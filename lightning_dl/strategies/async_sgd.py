@@ -28,7 +28,6 @@ from lightning_dl.parallel.param_server.layout import assign_shards, shard_indic
 from lightning_dl.parallel.param_server.server import STOP, ParameterServer, Push
 from lightning_dl.parallel.param_server.staleness import POLICIES
 from lightning_dl.strategies._base import (
-    START_METHODS,
     AsyncBase,
     check_int,
     leave_evaluation_to_rank_zero,
@@ -85,6 +84,7 @@ class AsyncSGDStrategy(AsyncBase):
         precision_plugin: Any = None,
     ) -> None:
         super().__init__(
+            start_method=start_method,
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
@@ -102,8 +102,8 @@ class AsyncSGDStrategy(AsyncBase):
             check_int("max_staleness", max_staleness, 0)
         if not timeout > 0:
             raise ValueError(f"`timeout` must be > 0 seconds, got {timeout!r}.")
-        if start_method not in START_METHODS:
-            raise ValueError(f"`start_method` must be one of {START_METHODS}, got {start_method!r}.")
+        if not isinstance(address, str) or not address:
+            raise ValueError(f"`address` must be a host name or IP address to listen on, got {address!r}.")
         self.num_servers = num_servers
         self.fetch_every = fetch_every
         self.push_every = push_every
@@ -112,13 +112,13 @@ class AsyncSGDStrategy(AsyncBase):
         self.max_staleness = max_staleness
         self.address = address
         self.timeout = timeout
-        self.start_method = start_method
         self._server: ParameterServer | None = None
         self._watch: rpc.WorkerWatch | None = None
         self._client: rpc.WorkerClient | None = None
         self._push: Push | None = None
         self._correction: tuple[list[torch.Tensor], float] | None = None
         self._owned: list[torch.Tensor] = []
+        self._owners: list[list[int]] = []  # parameter indices each server owns
         self._params: list[torch.Tensor] = []
         self._released = False
         self._stats = _Window()
@@ -157,10 +157,7 @@ class AsyncSGDStrategy(AsyncBase):
     @override
     def _configure_launcher(self) -> None:
         devices = self.num_processes
-        if devices < 2:
-            raise ValueError(
-                f"`strategy='async_sgd'` needs `devices` >= 2 (a parameter server and a worker), got devices={devices}."
-            )
+        self._check_devices("async_sgd", 2, "a parameter server and a worker")
         if self.num_servers >= devices:
             raise ValueError(
                 f"`num_servers={self.num_servers}` must be less than `devices={devices}`: the ranks after the servers "
@@ -190,16 +187,10 @@ class AsyncSGDStrategy(AsyncBase):
         super().setup(trainer)
         if self.in_process or trainer.state.fn != TrainerFn.FITTING:
             return
-        module = self.lightning_module
-        assert module is not None
-        if not module.automatic_optimization or len(self.optimizers) != 1:
-            raise ValueError(
-                "`strategy='async_sgd'` applies one optimizer on the servers with automatic optimization; the module "
-                f"has automatic_optimization={module.automatic_optimization} and {len(self.optimizers)} optimizers."
-            )
-        self._params = [p for p in module.parameters() if p.requires_grad]
+        self._check_one_optimizer("async_sgd", "applies one optimizer on the servers")
+        self._params = [p for p in self._module.parameters() if p.requires_grad]
         shards = assign_shards([p.numel() for p in self._params], self.num_servers)
-        owners = shard_indices(shards, self.num_servers)
+        self._owners = owners = shard_indices(shards, self.num_servers)
         servers, workers = self._names
         if self.is_server:
             self._owned = [self._params[i] for i in owners[self.global_rank]]
@@ -218,7 +209,7 @@ class AsyncSGDStrategy(AsyncBase):
             trainer.accumulate_grad_batches = 1  # one push is one update; workers accumulate on their side
         else:
             self._client = rpc.WorkerClient(self.worker_index, self._params, servers, owners, timeout=self.timeout)
-            self._acc = _Accumulator(self._params)
+            self._acc = _Accumulator(self._params, copy=self.push_every > 1)
         if self.global_rank != 0:  # rank 0 validates, checkpoints and stops early
             leave_evaluation_to_rank_zero(trainer)
 
@@ -398,10 +389,12 @@ class AsyncSGDStrategy(AsyncBase):
             return [p.detach().clone() for p in self._owned]
 
     def _shard_optimizer(self) -> dict[int, Any]:
+        """This shard's entries of the optimizer state, keyed like ``state_dict()`` (position over all groups)."""
         owned = {id(p) for p in self._owned}
-        index = {id(p): i for i, p in enumerate(p for g in self.optimizers[0].param_groups for p in g["params"])}
-        state = self.optimizers[0].state_dict()["state"]
-        return {i: s for i, s in state.items() if any(index[k] == i for k in owned)}
+        positions = {
+            i for i, p in enumerate(p for g in self.optimizers[0].param_groups for p in g["params"]) if id(p) in owned
+        }
+        return {i: s for i, s in self.optimizers[0].state_dict()["state"].items() if i in positions}
 
     def _release(self) -> None:
         self._released = True
@@ -419,10 +412,10 @@ class AsyncSGDStrategy(AsyncBase):
         """Copy the other shards' current parameters into this process's module (rank 0 validates all of them)."""
         if self.num_servers == 1 or self.global_rank != 0:
             return
-        owners = shard_indices(assign_shards([p.numel() for p in self._params], self.num_servers), self.num_servers)
         with torch.no_grad():
             for s in range(1, self.num_servers):
-                for index, value in zip(owners[s], rpc.call(f"server{s}", "params", timeout=self.timeout), strict=True):
+                values = rpc.call(f"server{s}", "params", timeout=self.timeout)
+                for index, value in zip(self._owners[s], values, strict=True):
                     self._params[index].copy_(value)
 
     @classmethod
@@ -459,8 +452,9 @@ class _PushStream:
 class _Accumulator:
     """A worker's gradients summed over the steps since its last push."""
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
+    def __init__(self, params: list[torch.Tensor], *, copy: bool) -> None:
         self.params = params
+        self.copy = copy  # False when every step pushes at once: the gradients are sent before they change
         self.sums: list[torch.Tensor] | None = None
         self.steps = 0
         self.steps_total = 0
@@ -470,7 +464,7 @@ class _Accumulator:
     def add(self, loss: Any) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.sums is None:
-            self.sums = [g.detach().clone() for g in grads]
+            self.sums = [g.detach().clone() if self.copy else g.detach() for g in grads]
         else:
             torch._foreach_add_(self.sums, [g.detach() for g in grads])
         self.steps += 1

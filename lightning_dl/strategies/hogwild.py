@@ -18,7 +18,6 @@ from typing_extensions import override
 
 from lightning_dl._log_steps import writes_logs
 from lightning_dl.strategies._base import (
-    START_METHODS,
     AsyncBase,
     leave_evaluation_to_rank_zero,
     set_global_step,
@@ -56,18 +55,17 @@ class HogwildStrategy(AsyncBase):
         precision_plugin: Any = None,
     ) -> None:
         super().__init__(
+            start_method=start_method,
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        if start_method not in START_METHODS:
-            raise ValueError(f"`start_method` must be one of {START_METHODS}, got {start_method!r}.")
         if not grace > 0:
             raise ValueError(f"`grace` must be > 0 seconds, got {grace!r}.")
-        self.start_method = start_method
         self.grace = grace
+        self._base = 0  # global step restored from a checkpoint; the shared counter adds to it
         self._steps: torch.Tensor | None = None  # steps per process, in shared memory
         self._stop: torch.Tensor | None = None  # rank 0 sets it when training ends
         self._ready: torch.Tensor | None = None  # one slot per process, set when it is about to train
@@ -82,11 +80,7 @@ class HogwildStrategy(AsyncBase):
 
     @override
     def _configure_launcher(self) -> None:
-        if self.num_processes < 2:
-            raise ValueError(
-                f"`strategy='hogwild'` needs `devices` >= 2 processes sharing the parameters, got "
-                f"devices={self.num_processes}."
-            )
+        self._check_devices("hogwild", 2, "processes sharing the parameters")
         self._steps = torch.zeros(self.num_processes, dtype=torch.int64).share_memory_()
         self._stop = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._ready = torch.zeros(self.num_processes, dtype=torch.int64).share_memory_()
@@ -97,13 +91,8 @@ class HogwildStrategy(AsyncBase):
         super().setup(trainer)
         if self.in_process or trainer.state.fn != TrainerFn.FITTING:
             return
-        module = self._module
-        if not module.automatic_optimization or len(self.optimizers) != 1:
-            raise ValueError(
-                "`strategy='hogwild'` steps one optimizer per process with automatic optimization; the module has "
-                f"automatic_optimization={module.automatic_optimization} and {len(self.optimizers)} optimizers."
-            )
-        for param in module.parameters():
+        self._check_one_optimizer("hogwild", "steps one optimizer per process")
+        for param in self._module.parameters():
             if not param.is_shared():
                 raise RuntimeError("Hogwild needs the parameters in shared memory; the launcher did not share them.")
         if self.global_rank != 0:
@@ -119,8 +108,9 @@ class HogwildStrategy(AsyncBase):
                 missing = (self._ready == 0).nonzero().flatten().tolist()
                 raise TimeoutError(f"Hogwild ranks {missing} did not start training within {self.grace} s.")
             time.sleep(0.01)
-        self._window = (int(self._steps.sum()), time.monotonic())
-        set_global_step(self._trainer, int(self._steps.sum()) or self._trainer.global_step, after_step=False)
+        self._base = self._trainer.global_step  # every process restored the same count on resume
+        self._window = (self._base + int(self._steps.sum()), time.monotonic())
+        set_global_step(self._trainer, self._window[0], after_step=False)
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
@@ -130,7 +120,7 @@ class HogwildStrategy(AsyncBase):
         assert self._steps is not None and self._stop is not None
         self._steps[self.global_rank] += 1  # one writer per slot: no lock needed
         trainer = self._trainer
-        total = int(self._steps.sum())
+        total = self._base + int(self._steps.sum())
         set_global_step(trainer, total, after_step=True)
         if self._stop.item():
             trainer.should_stop = True

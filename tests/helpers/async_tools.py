@@ -35,3 +35,12 @@ class ServerAudit(L.Callback):
         trainer.callback_metrics["audit/applied"] = torch.tensor(sum(w.applied for w in server.workers))
         trainer.callback_metrics["audit/dead"] = torch.tensor(sum(w.dead for w in server.workers))
         trainer.callback_metrics["audit/global_step"] = torch.tensor(trainer.global_step)
+
+
+class HogwildAudit(L.Callback):
+    """On rank 0, puts the global step and the updates made in this ``fit`` (all processes) in ``callback_metrics``."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank == 0:
+            trainer.callback_metrics["audit/global_step"] = torch.tensor(trainer.global_step)
+            trainer.callback_metrics["audit/updates"] = trainer.strategy._steps.sum().clone()

@@ -14,7 +14,7 @@ from lightning_dl.data import DigitsDataModule
 from lightning_dl.modules import ClassifierModule
 from lightning_dl.strategies import AsyncSGDStrategy, HogwildStrategy
 from lightning_dl.strategies._launcher import ProcessDiedError
-from tests.helpers.async_tools import KillRank, ServerAudit
+from tests.helpers.async_tools import HogwildAudit, KillRank, ServerAudit
 from tests.helpers.models import TinyRegressor, regression_dataset, tiny_net
 from tests.helpers.trainer import loader, quiet_trainer
 
@@ -55,6 +55,22 @@ def test_resume_restores_server_parameters_and_optimizer_state(tmp_path):
     resumed = TinyRegressor(tiny_net(seed=1))  # different start: everything must come from the checkpoint
     _fit(AsyncSGDStrategy(timeout=60), resumed, max_epochs=2, ckpt_path=tmp_path / "last.ckpt")
     assert_close(list(resumed.parameters()), list(reference.parameters()))
+
+
+def test_hogwild_resume_continues_the_global_step(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _fit("hogwild", TinyRegressor(tiny_net()), max_steps=8, callbacks=[checkpoint], enable_checkpointing=True)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"]
+    assert saved in (8, 9)  # lock-free: the other process may step once more before rank 0 sees the budget spent
+    trainer = _fit(
+        "hogwild",
+        TinyRegressor(tiny_net()),
+        max_steps=saved + 4,
+        ckpt_path=tmp_path / "last.ckpt",
+        callbacks=[HogwildAudit()],
+    )
+    assert trainer.callback_metrics["audit/global_step"] in (saved + 4, saved + 5)
+    assert trainer.callback_metrics["audit/updates"] in (4, 5)  # only the remaining budget, across both processes
 
 
 def _digits(strategy, devices=3, **kwargs):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -200,7 +199,7 @@ class WorkerWatch:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timedelta(seconds=self.timeout + self.interval).total_seconds())
+        self._thread.join(self.timeout + self.interval)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -97,6 +97,8 @@ class ParameterServer:
             raise ValueError(f"`staleness_policy` must be one of {POLICIES}, got {policy!r}.")
         if num_workers < 1:
             raise ValueError(f"`num_workers` must be >= 1, got {num_workers!r}.")
+        if not dc_lambda >= 0:
+            raise ValueError(f"`dc_lambda` (λ) must be >= 0, got {dc_lambda!r}.")
         if max_staleness is not None and max_staleness < 0:
             raise ValueError(f"`max_staleness` must be None or >= 0, got {max_staleness!r}.")
         self.params = list(params)
