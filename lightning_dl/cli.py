@@ -24,6 +24,9 @@ class Recipe:
     script: str
     config: str | None
     description: str
+    quick: tuple[str, ...] = ()
+    """Arguments that make a short run of the recipe (seconds, not for results): the test suite runs every
+    recipe with them, so a change that breaks a recipe fails the tests."""
 
 
 RECIPES: tuple[Recipe, ...] = (
@@ -32,18 +35,44 @@ RECIPES: tuple[Recipe, ...] = (
         "digits.py",
         "configs/digits.yaml",
         "MLP classifier on scikit-learn's 8x8 digits (CPU, under a minute, >= 0.95 test accuracy)",
+        quick=("--trainer.max_epochs=1",),
     ),
     Recipe(
         "large-batch",
         "large_batch.py",
         None,
         "the linear scaling rule on digits: batch 32 vs 256 without scaling, scaled, scaled with warmup",
+        quick=("--epochs=1", "--warmup-epochs=1", "--seeds=1"),
     ),
-    Recipe("optimizers", "optimizers.py", None, "every optimizer on the same digits MLP: loss curves, accuracy, time"),
+    Recipe(
+        "optimizers",
+        "optimizers.py",
+        None,
+        "every optimizer on the same digits MLP: loss curves, accuracy, time",
+        quick=("--epochs=1",),
+    ),
     Recipe("init", "init.py", None, "activation scale through 10 tanh and ReLU layers under four initialisations"),
-    Recipe("norms", "norms.py", None, "the digits ConvNet with each normalization: curves and table"),
-    Recipe("async", "async_sgd.py", None, "digits with a parameter server and 2 async workers: staleness, accuracy"),
-    Recipe("charlm", "charlm.py", "configs/charlm.yaml", "a causal Transformer learns to reverse symbol strings"),
+    Recipe(
+        "norms",
+        "norms.py",
+        None,
+        "the digits ConvNet with each normalization: curves and table",
+        quick=("--epochs=1",),
+    ),
+    Recipe(
+        "async",
+        "async_sgd.py",
+        None,
+        "digits with a parameter server and 2 async workers: staleness, accuracy",
+        quick=("--epochs=1",),
+    ),
+    Recipe(
+        "charlm",
+        "charlm.py",
+        "configs/charlm.yaml",
+        "a causal Transformer learns to reverse symbol strings",
+        quick=("--trainer.max_epochs=1",),
+    ),
 )
 
 
