@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_dl import scaling
 from lightning_dl.callbacks._logging import log_step
-from lightning_dl.callbacks.lr_schedule import LRSchedule, initial_value, write_field
+from lightning_dl.callbacks._param_groups import ParamGroupScaler, initial_value, scheduled_fields, write_field
 from lightning_dl.parallel.grad_norm import MicroBatchGradSquares, total_norm
 
 
@@ -64,11 +64,6 @@ def batch_geometry(trainer: L.Trainer, per_device: int | None = None) -> BatchGe
     return BatchGeometry(per_device, trainer.accumulate_grad_batches, data_parallel_size(trainer))
 
 
-def find_scaling(trainer: L.Trainer) -> BatchSizeScaling | None:
-    """The trainer's BatchSizeScaling callback, if any."""
-    return next((c for c in trainer.callbacks if isinstance(c, BatchSizeScaling)), None)  # type: ignore[attr-defined]
-
-
 def reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum over all ranks (a no-op in one process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -76,7 +71,7 @@ def reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-class BatchSizeScaling(Callback):
+class BatchSizeScaling(Callback, ParamGroupScaler):
     """Scale hyper-parameters with the effective batch ``B = per-device batch × accumulate_grad_batches ×
     data-parallel size`` relative to ``reference_batch_size``: ``k = B / B_ref``.
 
@@ -133,10 +128,12 @@ class BatchSizeScaling(Callback):
         self._step_state: tuple[int, float, list[float]] | None = None  # (global_step, progress, per-group gains)
 
     # -- what LRSchedule asks ------------------------------------------------------------------------------------
+    @override
     def progress(self, trainer: L.Trainer) -> float:
         """The step at which a schedule is evaluated for the coming optimizer step."""
         return self._measure(trainer)[1]
 
+    @override
     def multipliers(self, trainer: L.Trainer, optimizer: Optimizer, field: str) -> list[Callable[[float], float]]:
         """Per param group, the map from the unscaled value of ``field`` to the scaled one at the coming step."""
         gains = self._measure(trainer, optimizer)[2]
@@ -167,7 +164,7 @@ class BatchSizeScaling(Callback):
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
         _, _, gains = self._measure(trainer, optimizer)
-        owned = {c.field for c in trainer.callbacks if isinstance(c, LRSchedule)}  # type: ignore[attr-defined]
+        owned = scheduled_fields(trainer)
         for field in ("lr", "momentum"):
             if field in owned or (field == "momentum" and self.rule != "mcallester"):
                 continue

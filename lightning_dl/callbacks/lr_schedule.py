@@ -11,35 +11,10 @@ from typing_extensions import override
 
 from lightning_dl import schedules
 from lightning_dl.callbacks._logging import log_step
-
-FIELDS = ("lr", "weight_decay", "momentum")
-
-
-def _read(group: dict, field: str) -> float:
-    if field == "momentum" and "betas" in group:
-        return group["betas"][0]
-    if field not in group:
-        raise ValueError(
-            f"`field={field!r}` is not a hyper-parameter of this optimizer's param groups ({sorted(group)})."
-        )
-    return group[field]
+from lightning_dl.callbacks._param_groups import FIELDS, FieldSchedule, find_scaler, initial_value, write_field
 
 
-def write_field(group: dict, field: str, value: float) -> None:
-    """Set ``field`` of a param group (``momentum`` is ``betas[0]`` for Adam-style optimizers)."""
-    if field == "momentum" and "betas" in group:
-        group["betas"] = (value, *group["betas"][1:])
-    else:
-        group[field] = value
-
-
-def initial_value(group: dict, field: str) -> float:
-    """The value the group started with, stamped once as ``initial_<field>`` (kept in the optimizer's state_dict,
-    so it survives resume); ratios between groups are preserved because each group keeps its own."""
-    return group.setdefault(f"initial_{field}", _read(group, field))
-
-
-class LRSchedule(Callback):
+class LRSchedule(Callback, FieldSchedule):
     """Warmup then a decay shape, applied to every param group of every optimizer as
     ``value = initial_value × factor(step)`` before each optimizer step (so gradient accumulation counts optimizer
     steps, not batches). The step is ``trainer.global_step``; under ``BatchSizeScaling(rule="adascale")`` it is the
@@ -134,9 +109,7 @@ class LRSchedule(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
-        from lightning_dl.callbacks.batch_size_scaling import find_scaling
-
-        scaling = find_scaling(trainer)
+        scaling = find_scaler(trainer)
         progress = scaling.progress(trainer) if scaling is not None else trainer.global_step
         factor = self.factor(progress)
         multipliers = scaling.multipliers(trainer, optimizer, self.field) if scaling is not None else None

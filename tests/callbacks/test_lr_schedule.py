@@ -116,3 +116,19 @@ def test_one_callback_reused_for_fits_of_different_lengths() -> None:
         trainer = quiet_trainer(max_steps=steps, callbacks=[schedule, recorder])
         trainer.fit(TinyRegressor(tiny_net()), loader(regression_dataset(128)))
         assert [lr[0] for lr in recorder.lrs] == pytest.approx([0.1 * (1 - s / steps) for s in range(steps)])
+
+
+def test_lr_schedule_and_batch_size_scaling_do_not_import_each_other() -> None:
+    """What both need (param-group fields, finding each other in a Trainer) lives in one module both import."""
+    import ast
+    from pathlib import Path
+
+    import lightning_dl.callbacks as package
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((Path(package.__file__).parent / f"{name}.py").read_text())
+        return {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+    assert "lightning_dl.callbacks.batch_size_scaling" not in imported("lr_schedule")
+    assert "lightning_dl.callbacks.lr_schedule" not in imported("batch_size_scaling")
+    assert "lightning_dl.callbacks._param_groups" in imported("lr_schedule") & imported("batch_size_scaling")
