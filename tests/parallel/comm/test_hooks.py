@@ -1,0 +1,183 @@
+"""The compressed DDP hooks on 2 gloo ranks: each step's averaged gradient equals a transcription of the rule applied
+to every rank's gradient plus its residual, and each residual is what that rank did not send. One spawned run
+checks every compressor and ``average_``."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_dl.parallel.comm import CompressionState, LocalState, average_, hook_for, local_hook
+from lightning_dl.parallel.comm.compressors import initial_q
+from tests.helpers.distributed import run_distributed
+from tests.helpers.models import tiny_net
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 3
+RANK = 2  # PowerSGD rank: the 16x8 weight is compressed, the 1x16 weight and the biases are not
+
+
+def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 * rank + step)
+    return torch.randn(4, 8, generator=generator), torch.randn(4, 1, generator=generator)
+
+
+def _trace(compressor: str, start_iter: int, rank: int) -> list[dict]:
+    net = tiny_net(seed=0)
+    state = CompressionState(net, compressor, rank=RANK, start_iter=start_iter)
+    model = DistributedDataParallel(net)
+    model.register_comm_hook(state, hook_for(compressor))
+    steps = []
+    for step in range(STEPS):
+        x, y = _batch(rank, step)
+        plain = copy.deepcopy(net)
+        local = torch.autograd.grad(F.mse_loss(plain(x), y), list(plain.parameters()))
+        before = {"residuals": copy.deepcopy(state.residuals), "qs": copy.deepcopy(state.qs)}
+        bytes_before = state.bytes_sent
+        F.mse_loss(model(x), y).backward()
+        names = [n for n, _ in net.named_parameters()]
+        steps.append(
+            before
+            | {
+                "local": dict(zip(names, local, strict=True)),
+                "output": {n: p.grad.clone() for n, p in net.named_parameters()},
+                "after": copy.deepcopy(state.residuals),
+                "bytes": state.bytes_sent - bytes_before,
+            }
+        )
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+    return steps
+
+
+def _run(rank: int, world_size: int) -> dict:
+    out = {c: _trace(c, 0, rank) for c in ("int8", "sign", "powersgd")}
+    out["int8_start2"] = _trace("int8", 2, rank)
+    # local hook: no communication when told so
+    net = tiny_net(seed=0)
+    model = DistributedDataParallel(net)
+    local_state = LocalState()
+    local_state.allreduce = False
+    model.register_comm_hook(local_state, local_hook)
+    x, y = _batch(rank, 0)
+    F.mse_loss(model(x), y).backward()
+    out["local_grads"] = [p.grad.clone() for p in net.parameters()]
+    out["local_bytes"] = local_state.bytes_sent
+    # parameter averaging
+    tensors = [torch.full((3, 2), float(rank + 1)), torch.arange(4.0) * (rank + 1)]
+    out["average_bytes"] = average_(tensors)
+    out["averaged"] = tensors
+    out["world"] = dist.get_world_size()
+    return out
+
+
+def _int8(c: torch.Tensor) -> torch.Tensor:
+    s = c.abs().max() / 127
+    return torch.tensor([max(-127, min(127, round(v / s.item()))) for v in c.reshape(-1).tolist()]).view_as(c) * s
+
+
+def _sign(c: torch.Tensor) -> torch.Tensor:
+    s = c.abs().sum() / c.numel()
+    return torch.where(c >= 0, s, -s)
+
+
+def _gram_schmidt(p: torch.Tensor) -> torch.Tensor:
+    cols: list[torch.Tensor] = []
+    for i in range(p.shape[1]):
+        v = p[:, i]
+        for u in cols:
+            v = v - (u @ v) * u
+        cols.append(v / (v.norm() + 1e-8))
+    return torch.stack(cols, dim=1)
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return run_distributed(_run, 2, timeout=120)
+
+
+def _corrected(rank_steps: dict, name: str) -> torch.Tensor:
+    residual = rank_steps["residuals"].get(name)
+    return rank_steps["local"][name] + (0 if residual is None else residual)
+
+
+@pytest.mark.parametrize("compressor", ["int8", "sign"])
+def test_quantized_hooks_send_the_rule_and_keep_the_rest(ranks, compressor) -> None:
+    rule = _int8 if compressor == "int8" else _sign
+    for step in range(STEPS):
+        per_rank = [r[compressor][step] for r in ranks]
+        for name in per_rank[0]["local"]:
+            corrected = [_corrected(s, name) for s in per_rank]
+            sent = [rule(c) for c in corrected]
+            torch.testing.assert_close(per_rank[0]["output"][name], (sent[0] + sent[1]) / 2)
+            torch.testing.assert_close(per_rank[1]["output"][name], per_rank[0]["output"][name], rtol=0, atol=0)
+            for s, c, rank_steps in zip(sent, corrected, per_rank, strict=True):
+                new = rank_steps["after"][name]
+                torch.testing.assert_close(new, c - s)
+                if compressor == "int8":  # sent + new residual == gradient + old residual, bit for bit
+                    assert torch.equal(s + new, c)
+                else:
+                    torch.testing.assert_close(s + new, c, rtol=0, atol=float(c.abs().max()) * 2**-22)
+        numels = [t.numel() for t in per_rank[0]["local"].values()]
+        code_bytes = sum(numels) if compressor == "int8" else sum(-(-n // 8) for n in numels)
+        assert per_rank[0]["bytes"] == code_bytes + 4 * len(numels)
+    assert ranks[0][compressor][-1]["after"]  # residuals exist and are not all zero
+    assert any(t.abs().sum() > 0 for t in ranks[0][compressor][-1]["after"].values())
+
+
+def test_powersgd_hook_follows_vogels_rule_with_error_feedback(ranks) -> None:
+    qs = {}
+    for step in range(STEPS):
+        per_rank = [r["powersgd"][step] for r in ranks]
+        for name, grad in per_rank[0]["local"].items():
+            corrected = [_corrected(s, name) for s in per_rank]
+            if name != "0.weight":  # not worth compressing: plain mean, no residual
+                torch.testing.assert_close(per_rank[0]["output"][name], (corrected[0] + corrected[1]) / 2)
+                assert name not in per_rank[0]["after"]
+                continue
+            m = [c.reshape(grad.shape[0], -1) for c in corrected]
+            q = qs.get(name)
+            if q is None:
+                import zlib
+
+                q = initial_q(grad.shape, RANK, zlib.crc32(name.encode()))
+            torch.testing.assert_close(per_rank[0]["qs"].get(name, q), q)
+            p_hat = _gram_schmidt((m[0] @ q + m[1] @ q) / 2)
+            q_local = [mi.T @ p_hat for mi in m]
+            q_mean = (q_local[0] + q_local[1]) / 2
+            torch.testing.assert_close(per_rank[0]["output"][name], (p_hat @ q_mean.T).view_as(grad))
+            for mi, qi, rank_steps in zip(m, q_local, per_rank, strict=True):
+                sent = p_hat @ qi.T
+                torch.testing.assert_close(rank_steps["after"][name], (mi - sent).view_as(grad))
+                torch.testing.assert_close(sent + rank_steps["after"][name].view_as(mi), mi)
+            qs[name] = q_mean
+        n, m_ = 16, 8
+        plain = sum(t.numel() for k, t in per_rank[0]["local"].items() if k != "0.weight")
+        assert per_rank[0]["bytes"] == 4 * (RANK * n + plain + RANK * m_)
+
+
+def test_start_iter_sends_plain_means_first(ranks) -> None:
+    for step in range(STEPS):
+        per_rank = [r["int8_start2"][step] for r in ranks]
+        for name in per_rank[0]["local"]:
+            corrected = [_corrected(s, name) for s in per_rank]
+            expected = (
+                (corrected[0] + corrected[1]) / 2 if step < 2 else (_int8(corrected[0]) + _int8(corrected[1])) / 2
+            )
+            torch.testing.assert_close(per_rank[0]["output"][name], expected)
+        assert bool(per_rank[0]["after"]) == (step >= 2)
+
+
+def test_local_hook_and_average(ranks) -> None:
+    assert ranks[0]["local_bytes"] == 0
+    assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["local_grads"], ranks[1]["local_grads"], strict=True))
+    for r in ranks:
+        torch.testing.assert_close(r["averaged"][0], torch.full((3, 2), 1.5))
+        torch.testing.assert_close(r["averaged"][1], torch.arange(4.0) * 1.5)
+        assert r["average_bytes"] == 10 * 4
