@@ -51,7 +51,13 @@ RECIPES: tuple[Recipe, ...] = (
         "every optimizer on the same digits MLP: loss curves, accuracy, time",
         quick=("--epochs=1",),
     ),
-    Recipe("init", "init.py", None, "activation scale through 10 tanh and ReLU layers under four initialisations"),
+    Recipe(
+        "init",
+        "init.py",
+        None,
+        "activation scale through 10 tanh and ReLU layers under four initialisations",
+        quick=("--depth=10", "--width=64"),  # 10 layers as described, narrower: the checks hold, the run is start-up
+    ),
     Recipe(
         "norms",
         "norms.py",
