@@ -19,21 +19,22 @@ def _norm(kind: str, dim: int) -> nn.Module:
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: ``qkv`` (d → 3d, the column-parallel half) and ``proj`` (d → d, the
-    row-parallel half)."""
+    row-parallel half). The rows of ``qkv`` are head-major (head 0's q, k, v, then head 1's, ...) and the head count
+    is read from the width, so a column split by tensor parallelism hands each rank whole heads."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        q, k, v = self.qkv(x).split(self.qkv.out_features // 3, dim=-1)
-        q, k, v = (t.view(batch, length, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))
+        # (batch, length, heads, 3, head_dim): heads = 3d / (3 · head_dim), fewer on a tensor-parallel rank
+        q, k, v = self.qkv(x).unflatten(-1, (-1, 3, self.head_dim)).transpose(1, 2).unbind(dim=3)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(batch, length, -1))
+        return self.proj(y.transpose(1, 2).flatten(-2))
 
 
 class FeedForward(nn.Module):

@@ -55,3 +55,19 @@ def test_invalid_values(kwargs, match) -> None:
 def test_too_long_a_sequence_is_an_error() -> None:
     with pytest.raises(ValueError, match="sequence of 11 tokens exceeds `block_size` 10"):
         _model()(torch.zeros(1, 11, dtype=torch.long))
+
+
+def test_attention_rows_are_head_major() -> None:
+    """Literal transcription: rows of ``qkv`` are (head, q/k/v, head_dim), so a split of the rows is a split of the
+    heads (tensor parallelism relies on it)."""
+    from lightning_dl.nn.transformer import CausalSelfAttention
+
+    torch.manual_seed(0)
+    attn, heads, head_dim = CausalSelfAttention(12, 3), 3, 4
+    x = torch.randn(2, 5, 12)
+    weight, bias = attn.qkv.weight.view(heads, 3, head_dim, 12), attn.qkv.bias.view(heads, 3, head_dim)
+    q, k, v = (torch.einsum("bld,hed->bhle", x, weight[:, i]) + bias[:, i, None, :] for i in range(3))
+    scores = q @ k.transpose(-1, -2) / head_dim**0.5
+    scores = scores.masked_fill(torch.triu(torch.ones(5, 5, dtype=torch.bool), 1), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 12)
+    torch.testing.assert_close(attn(x), attn.proj(y))

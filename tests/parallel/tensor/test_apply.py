@@ -1,0 +1,84 @@
+"""``apply_tp`` on 2 gloo ranks equals one process: losses, gradients and parameters after several SGD steps, on
+models written by others (torch's TransformerEncoder, Lightning's demo Transformer) and ours; applying twice is a
+no-op; tied weights stay tied."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from lightning_dl.parallel.tensor import apply_tp
+from tests.helpers.distributed import run_distributed
+from tests.parallel.tensor.models import MODELS, batch, build, loss_fn
+
+STEPS = 3
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _train(model: torch.nn.Module, name: str, parallel_loss: bool) -> dict:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses, grads = [], []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        with loss_parallel() if parallel_loss else nullcontext():
+            loss = loss_fn(name)(model, batch(name, step))
+            loss.backward()
+        losses.append(_full(loss).item())
+        grads.append({n: _full(p.grad).clone() for n, p in model.named_parameters()})
+        optimizer.step()
+    return {
+        "losses": losses,
+        "grads": grads,
+        "params": {n: _full(p).detach().clone() for n, p in model.named_parameters()},
+    }
+
+
+def _compare_models(rank: int, world_size: int) -> dict:
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    results = {}
+    for name in MODELS:
+        reference = build(name)
+        model = copy.deepcopy(reference)
+        parallel_loss = name.startswith("transformer_lm")
+        plan = apply_tp(model, mesh, loss_parallel=parallel_loss)
+        again = apply_tp(model, mesh, loss_parallel=parallel_loss)
+        results[name] = {
+            "tp": _train(model, name, parallel_loss),
+            "ref": _train(reference, name, False),
+            "sharded": plan.sharded_names,
+            "same_plan": again is plan,
+            "dtensors": sum(isinstance(p, DTensor) for p in model.parameters()),
+            "tied": name != "transformer_lm_tied" or model.head[1].weight is model.embed.token.weight,
+        }
+    return results
+
+
+@pytest.mark.distributed
+def test_tp2_equals_one_process_on_library_and_own_models() -> None:
+    ranks = run_distributed(_compare_models, 2, timeout=240)
+    for name in MODELS:
+        result = ranks[0][name]
+        assert result["same_plan"] and result["tied"], name
+        assert result["dtensors"] > 0 and result["sharded"], name
+        torch.testing.assert_close(result["tp"]["losses"], result["ref"]["losses"], rtol=1e-5, atol=1e-6)
+        for step in range(STEPS):
+            for key, grad in result["ref"]["grads"][step].items():
+                torch.testing.assert_close(result["tp"]["grads"][step][key], grad, rtol=1e-5, atol=1e-6, msg=key)
+        for key, param in result["ref"]["params"].items():
+            torch.testing.assert_close(result["tp"]["params"][key], param, rtol=1e-5, atol=1e-6, msg=key)
+            torch.testing.assert_close(ranks[1][name]["tp"]["params"][key], param, rtol=1e-5, atol=1e-6)
+        # the parameters moved: the comparison is not between two untouched models
+        initial = dict(build(name).named_parameters())
+        assert any(not torch.allclose(initial[k], p) for k, p in result["ref"]["params"].items()), name
+    assert "layers.0.self_attn" in ranks[0]["torch_encoder"]["sharded"]
+    assert "transformer.decoder.layers.0.multihead_attn" in ranks[0]["lightning_demo"]["sharded"]
+    assert {"blocks.0.attn.qkv", "head.1", "embed.token"} <= set(ranks[0]["transformer_lm"]["sharded"])
