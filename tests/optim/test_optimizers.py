@@ -1,5 +1,6 @@
 """Every optimizer implemented here against a literal per-element transcription of its update rule (plain Python
-loops over floats), for 6 steps with two param groups; state_dict round trips; build_optimizer; errors."""
+loops over floats), for 6 steps (adaptive SGD: 15) with two param groups; state_dict round trips; build_optimizer;
+errors."""
 
 import copy
 import math
@@ -151,39 +152,93 @@ def test_simplified_adam_matches_its_transcription() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ adaptive SGD
-def _adaptive_sgd_reference(hyper: list[dict]) -> list[list[float]]:
+ADAPTIVE_STEPS = 15
+
+
+def _adaptive_sgd_reference(hyper: list[dict]) -> tuple[list[list[float]], dict[str, int]]:
+    """The rule of issue 9 written out per element; also counts how often each branch of it was taken."""
     w = _lists(_params())
     g_avg = [[0.0] * len(x) for x in w]
     s_avg = [[0.0] * len(x) for x in w]
-    b_star = [[float(max(hyper[0 if k < 2 else 1]["warmup_steps"], 1))] * len(x) for k, x in enumerate(w)]
-    for t in range(1, STEPS + 1):
+    horizon = [[float(hyper[0 if k < 2 else 1]["warmup_steps"])] * len(x) for k, x in enumerate(w)]  # N_0 = K
+    taken = {"horizon_below_t": 0, "min_horizon": 0, "max_eta": 0}
+    for t in range(1, ADAPTIVE_STEPS + 1):
         grads = [g.flatten().tolist() for g in _grads(t - 1)]
         for k in range(len(w)):
             h = hyper[0] if k < 2 else hyper[1]
             K = h["warmup_steps"]
             for i in range(len(w[k])):
-                weight = 1.0 if b_star[k][i] == 0 else min(1.0, h["batch_size"] / b_star[k][i])  # min(1, B/0) = 1
+                taken["horizon_below_t"] += horizon[k][i] < t
+                weight = 1.0 / min(t, horizon[k][i])
                 g_avg[k][i] = (1 - weight) * g_avg[k][i] + weight * grads[k][i]
                 s_avg[k][i] = (1 - weight) * s_avg[k][i] + weight * grads[k][i] ** 2
                 var = max(s_avg[k][i] - g_avg[k][i] ** 2, 0.0)
                 if t <= K:
-                    b_star[k][i], eta = float(max(K, 1)), 0.0
+                    horizon[k][i], eta = float(K), 0.0
                 else:
-                    b_star[k][i] = h["lambda_b"] * var / (g_avg[k][i] ** 2 + h["eps"])
+                    n = h["lambda_b"] * var / (g_avg[k][i] ** 2 + h["eps"])
                     eta = h["lambda_eta"] * g_avg[k][i] ** 2 / (var + h["eps"])
+                    taken["min_horizon"] += n < h["min_horizon"]
+                    taken["max_eta"] += eta > h["max_eta"]
+                    horizon[k][i] = max(n, h["min_horizon"])
+                    eta = min(eta, h["max_eta"])
                 w[k][i] -= h["lr"] * eta * grads[k][i]
-    return w
+    return w, taken
 
 
 def test_adaptive_sgd_matches_its_transcription() -> None:
     hyper = [
-        dict(batch_size=1, warmup_steps=3, lambda_b=16.0, lambda_eta=0.05, eps=1e-8, lr=1.0),
-        dict(batch_size=2, warmup_steps=2, lambda_b=4.0, lambda_eta=0.2, eps=1e-3, lr=0.5),
+        dict(batch_size=4, warmup_steps=3, lambda_b=16.0, lambda_eta=0.05, eps=1e-8, lr=1.0, min_horizon=2.0),
+        dict(
+            batch_size=8, warmup_steps=2, lambda_b=0.2, lambda_eta=0.5, eps=1e-3, lr=0.5, min_horizon=1.5, max_eta=0.3
+        ),
     ]
-    params, optimizer = _run(lambda ps: AdaptiveSGD(_groups(ps, hyper[0], hyper[1])))
-    _assert_equal(params, _adaptive_sgd_reference(hyper))
+    params, optimizer = _run(lambda ps: AdaptiveSGD(_groups(ps, hyper[0], hyper[1])), steps=ADAPTIVE_STEPS)
+    reference, taken = _adaptive_sgd_reference([{"max_eta": 1.0} | hyper[0], hyper[1]])
+    _assert_equal(params, reference)
+    assert all(count > 0 for count in taken.values()), taken  # every branch of the rule was exercised
+    # B* = B·N in samples, averaged over coordinates; η averaged likewise
+    horizons = [optimizer.state[p]["rate"].reciprocal() for p in params]
+    b_star = sum(h["batch_size"] * float(n.sum()) for h, n in zip([hyper[0]] * 2 + [hyper[1]], horizons, strict=True))
     stats = optimizer.statistics()
-    assert stats["b_star"] > 0 and stats["eta"] > 0
+    assert stats["b_star"] == pytest.approx(b_star / sum(n.numel() for n in horizons))
+    assert 0 < stats["eta"] <= 1.0
+
+
+def _least_squares(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(20, 10, generator=g, dtype=torch.float64)
+    return x, x @ torch.randn(10, generator=g, dtype=torch.float64) + 0.1 * torch.randn(20, generator=g)
+
+
+@pytest.mark.parametrize("batch", [20, 8], ids=["full-batch", "minibatch"])
+def test_adaptive_sgd_defaults_stay_finite_and_lower_a_least_squares_loss(batch) -> None:
+    """20x10 least squares, lr=1e-2 and every other argument at its default (batch_size=32, warmup_steps=10): with
+    full-batch gradients σ̃² is 0 during warmup, where the unbounded rule took η = λ_η·g̃²/ε."""
+    x, y = _least_squares()
+    w = torch.nn.Parameter(torch.zeros(10, dtype=torch.float64))
+    optimizer = AdaptiveSGD([w], lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+
+    def loss(rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        return 0.5 * (x[rows] @ w - y[rows]).pow(2).mean()
+
+    start = loss().item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss(torch.randperm(20, generator=g)[:batch]).backward()
+        optimizer.step()
+    assert torch.isfinite(w).all()
+    assert loss().item() < 0.95 * start
+
+
+def test_adaptive_sgd_min_horizon_keeps_the_variance_estimate_alive() -> None:
+    """A tiny λ_B would put N below one batch; ``min_horizon`` holds it at 2, so σ̃² stays positive and B* = 2B."""
+    _, optimizer = _run(lambda ps: AdaptiveSGD(ps, batch_size=8, warmup_steps=2, lambda_b=1e-6))
+    for state in optimizer.state.values():
+        assert (state["rate"] == 0.5).all()
+        assert (state["mean_sq"] - state["mean"] ** 2 > 0).all()
+    assert optimizer.statistics()["b_star"] == pytest.approx(16.0)
 
 
 # ------------------------------------------------------------------------------------------ conjugate gradient
@@ -325,6 +380,8 @@ def test_build_optimizer_passes_keyword_arguments_and_lists_valid_names() -> Non
         (lambda ps: AdaptiveSGD(ps, warmup_steps=-1), r"`warmup_steps` must lie in \[0.0, inf\), got -1"),
         (lambda ps: AdaptiveSGD(ps, lambda_b=0.0), r"`lambda_b` must lie in \(0.0, inf\), got 0.0"),
         (lambda ps: AdaptiveSGD(ps, lambda_eta=-1.0), r"`lambda_eta` must lie in \(0.0, inf\), got -1.0"),
+        (lambda ps: AdaptiveSGD(ps, min_horizon=0.5), r"`min_horizon` must lie in \[1.0, inf\), got 0.5"),
+        (lambda ps: AdaptiveSGD(ps, max_eta=0.0), r"`max_eta` must lie in \(0.0, inf\), got 0.0"),
         (lambda ps: ConjugateGradient(ps, beta="polak"), r"`beta` must be one of \('fletcher_reeves', 'hestenes"),
         (lambda ps: ConjugateGradient([{"params": ps[:1]}, {"params": ps[1:]}]), "takes one param group, got 2"),
     ],
@@ -347,9 +404,3 @@ def test_line_search_needs_a_closure() -> None:
     optimizer = ConjugateGradient(_params(), line_search=True)
     with pytest.raises(ValueError, match=r"`line_search=True` needs `step\(closure\)`"):
         optimizer.step()
-
-
-def test_adaptive_sgd_collapses_when_the_batch_exceeds_b_star() -> None:
-    """B >= B* makes the average the last gradient alone: σ̃² = 0, so B* = 0 from then on (as the rule says)."""
-    _, optimizer = _run(lambda ps: AdaptiveSGD(ps, batch_size=8, warmup_steps=2))
-    assert optimizer.statistics()["b_star"] < 1e-9  # zero up to rounding: the weight stays 1
