@@ -1,29 +1,27 @@
 """Time to a target training loss on digits for synchronous DDP (``ddp_spawn``), ``async_sgd`` and ``hogwild`` with
 the same number of worker processes, without and with one worker slowed 3x (a sleep of twice its measured step
 time after each of its batches); then the parameter server's updates per second as workers go from 1 to 3.
-Prints ratios (ours / DDP) and absolute figures; writes benchmarks/results/async.json, async_loss.png (smoothed
-loss against wall time per contender) and async_staleness.png (staleness histogram).
+Prints ratios (ours / DDP) and absolute figures; writes async.json, async_loss.png (smoothed loss against wall time
+per contender) and async_staleness.png (staleness histogram) to ``--out`` (default benchmarks/results).
 
-    python benchmarks/bench_async.py [--workers 2] [--target 0.5]
+    python benchmarks/bench_async.py [--workers 2] [--target 0.5] [--quick] [--out DIR]
+
+``--quick`` runs the straggler case only, with two workers, a few batches each, and measures the server with one
+worker: it checks the script, not the timings (the target is then seldom reached: its times are NaN).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
+from _common import Bench, bench_parser  # benchmarks/ is on sys.path when a benchmark runs
 
-import lightning_dl
 from lightning_dl.data import DigitsDataModule
 from lightning_dl.modules import ClassifierModule
 from lightning_dl.strategies import AsyncSGDStrategy
 
-RESULTS = Path(__file__).parent / "results"
 GOALS = {"straggler": 0.6, "no straggler": 1.3}  # async_sgd time to target / DDP's
 
 
@@ -77,7 +75,10 @@ class LossClock(L.Callback):
             )
 
 
-def run(strategy, devices: int, *, straggler: int | None, target: float, epochs: int, lr: float) -> dict:
+def run(
+    strategy, devices: int, *, straggler: int | None, target: float, epochs: int, lr: float, batches: int | None = None
+) -> dict:
+    """One fit on digits; ``batches`` caps the training batches per epoch of each process (all when None)."""
     L.seed_everything(0)
     clock = LossClock(target)
     trainer = L.Trainer(
@@ -90,6 +91,7 @@ def run(strategy, devices: int, *, straggler: int | None, target: float, epochs:
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
+        limit_train_batches=batches,
         num_sanity_val_steps=0,
         callbacks=[clock, Straggler(straggler)],
     )
@@ -105,7 +107,7 @@ def run(strategy, devices: int, *, straggler: int | None, target: float, epochs:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--workers", type=int, default=2, help="worker processes of every contender")
     parser.add_argument("--target", type=float, default=0.5, help="smoothed training loss to reach")
     parser.add_argument("--epochs", type=int, default=8, help="budget; the target is reached well before")
@@ -115,6 +117,10 @@ def main() -> None:
         parser.error(f"--workers and --epochs must be >= 1, got {args.workers} and {args.epochs}")
     if not (args.target > 0 and args.lr > 0):
         parser.error(f"--target and --lr must be > 0, got {args.target} and {args.lr}")
+    bench = Bench("async", args)
+    batches = None
+    if bench.quick:
+        args.workers, args.epochs, batches = 2, 1, 4  # hogwild needs 2 processes
     w = args.workers
     contenders = {
         "ddp": (lambda: "ddp_spawn", w, w - 1),
@@ -122,7 +128,7 @@ def main() -> None:
         "hogwild": (lambda: "hogwild", w, w - 1),
     }
     results: dict = {}
-    for case in ("no straggler", "straggler"):
+    for case in ("straggler",) if bench.quick else ("no straggler", "straggler"):
         results[case] = {}
         for name, (strategy, devices, slow_rank) in contenders.items():
             r = run(
@@ -132,6 +138,7 @@ def main() -> None:
                 target=args.target,
                 epochs=args.epochs,
                 lr=args.lr,
+                batches=batches,
             )
             results[case][name] = r
             print(
@@ -140,8 +147,10 @@ def main() -> None:
                 flush=True,
             )
     throughput = {}
-    for workers in (1, 2, 3):
-        r = run(AsyncSGDStrategy(), workers + 1, straggler=None, target=args.target, epochs=2, lr=args.lr)
+    for workers in (1,) if bench.quick else (1, 2, 3):
+        r = run(
+            AsyncSGDStrategy(), workers + 1, straggler=None, target=args.target, epochs=2, lr=args.lr, batches=batches
+        )
         throughput[workers] = r["updates_per_s"]
         print(f"server with {workers} worker(s): {r['updates_per_s']:.1f} updates/s", flush=True)
     ratios = {}
@@ -151,56 +160,45 @@ def main() -> None:
         for name in ("async_sgd", "hogwild"):
             ratio = results[case][name]["time_to_target_s"] / ddp
             ratios[f"{name} / ddp, {case}"] = ratio
-            goal = GOALS[case] if name == "async_sgd" else None
+            goal = GOALS[case] if name == "async_sgd" and not bench.quick else None
             verdict = "" if goal is None else f"  (goal <= {goal}: {'met' if ratio <= goal else 'NOT met'})"
             print(f"{case:>13}: {name} / ddp time to target = {ratio:.3f}{verdict}")
     payload = {
-        "args": vars(args),
         "results": results,
         "ratios": ratios,
         "server_updates_per_s": throughput,
         "goals": GOALS,
-        "environment": {
-            "machine": platform.machine(),
-            "processor": platform.processor() or "unknown",
-            "cpus": __import__("os").cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "lightning": L.__version__,
-            "lightning_dl": lightning_dl.__version__,
-        },
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "async.json").write_text(json.dumps(payload, indent=2))
-    plot(payload)
-    print(f"\nwrote {RESULTS / 'async.json'}, {RESULTS / 'async_loss.png'} and {RESULTS / 'async_staleness.png'}")
+    print()
+    bench.write_json(payload)
+    loss, staleness = plot(payload, target=args.target)
+    bench.save_figure(loss, "async_loss.png")
+    bench.save_figure(staleness, "async_staleness.png")
 
 
-def plot(payload: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot(payload: dict, *, target: float) -> tuple:
+    """The loss-against-time figure and the staleness histogram."""
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, case in zip(axes, payload["results"], strict=True):
+    cases = list(payload["results"])
+    figure, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 4), sharey=True, squeeze=False)
+    for ax, case in zip(axes[0], cases, strict=True):
         for name, r in payload["results"][case].items():
             curve = r["curve"]
             ax.plot([t for t, _ in curve], [v for _, v in curve], label=name)
-        ax.axhline(payload["args"]["target"], color="grey", linestyle=":")
+        ax.axhline(target, color="grey", linestyle=":")
         ax.set(xlabel="wall time (s)", title=case, yscale="log")
         ax.legend()
-    axes[0].set_ylabel("training loss (EMA, rank 0)")
+    axes[0, 0].set_ylabel("training loss (EMA, rank 0)")
     figure.tight_layout()
-    figure.savefig(RESULTS / "async_loss.png", dpi=120)
-    figure, ax = plt.subplots(figsize=(6, 3.5))
+    histogram, ax = plt.subplots(figsize=(6, 3.5))
     for case in payload["results"]:
         counts = payload["results"][case]["async_sgd"]["staleness_counts"] or []
         ax.bar([t + (0.2 if case == "straggler" else -0.2) for t in range(len(counts))], counts, width=0.4, label=case)
     ax.set(xlabel="staleness τ (updates)", ylabel="pushes", title="async_sgd staleness")
     ax.legend()
-    figure.tight_layout()
-    figure.savefig(RESULTS / "async_staleness.png", dpi=120)
+    histogram.tight_layout()
+    return figure, histogram
 
 
 if __name__ == "__main__":

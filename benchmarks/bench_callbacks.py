@@ -6,36 +6,35 @@ a ratio is the median over rounds of the ratio within a round. Because a small s
 swing by 20% between runs, the time spent inside our callbacks' hooks is also measured directly and set against the
 plain step: (plain + hooks) / plain.
 
-    python benchmarks/bench_callbacks.py [--steps 60] [--rounds 3]
+    python benchmarks/bench_callbacks.py [--steps 30] [--rounds 7] [--quick] [--out DIR]
 
-Prints ratios (ours / reference) and absolute figures; writes benchmarks/results/callbacks.json and .png.
+Prints ratios (ours / reference) and absolute figures; writes callbacks.json and callbacks.png to ``--out``
+(default benchmarks/results). ``--quick`` runs a tiny MLP for a few steps: it checks the script, not the timings.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from _common import Bench, bench_parser  # benchmarks/ is on sys.path when a benchmark runs
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dl.callbacks import BatchSizeScaling, GradientClipping, GradientNoiseScale, LRSchedule
 from lightning_dl.nn import MLP
 
-RESULTS = Path(__file__).parent / "results"
+FULL = dict(features=512, width=2048)
+QUICK = dict(features=16, width=32)
 
 
 class Model(L.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, features: int = 512, width: int = 2048) -> None:
         super().__init__()
-        self.net = MLP(512, [2048, 2048, 2048], 10)
+        self.net = MLP(features, [width, width, width], 10)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -102,7 +101,7 @@ def _timed(hook, spent: list[float]):
     return wrapper
 
 
-def time_contender(name: str, steps: int, warmup: int, data: TensorDataset) -> tuple[float, float]:
+def time_contender(name: str, steps: int, warmup: int, data: TensorDataset, sizes: dict) -> tuple[float, float]:
     """Mean wall time per timed step, and mean time per step spent inside our callbacks' hooks."""
     trainer_kwargs, make_callbacks = CONTENDERS[name]
     torch.manual_seed(0)
@@ -122,20 +121,18 @@ def time_contender(name: str, steps: int, warmup: int, data: TensorDataset) -> t
         callbacks=[*callbacks, timer],
         **trainer_kwargs,
     )
-    trainer.fit(Model(), DataLoader(data, batch_size=64, shuffle=True))
+    trainer.fit(Model(**sizes), DataLoader(data, batch_size=64, shuffle=True))
     return statistics.fmean(timer.times[warmup:]), spent[0] / (warmup + steps)
 
 
-def clipping_micro(reps: int) -> dict[str, dict[str, float]]:
+def clipping_micro(reps: int, sizes: dict) -> dict[str, dict[str, float]]:
     """Our clipping hook against the call Lightning makes for ``gradient_clip_val`` (``clip_grad_norm_``, foreach)
-    on the same 9.5M gradients, interleaved ``reps`` times, with gradients above and below the threshold."""
-    from types import SimpleNamespace
-
-    model = Model()
+    on the same 9.5M gradients, interleaved ``reps`` times, with gradients above and below the threshold. The hook
+    gets a real (unfitted) Trainer that never logs, so the figure is the clipping alone."""
+    model = Model(**sizes)
     params = list(model.parameters())
     optimizer = model.configure_optimizers()
-    trainer = SimpleNamespace(strategy=SimpleNamespace(), global_step=0, log_every_n_steps=10**9)
-    module = SimpleNamespace(trainer=trainer)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, log_every_n_steps=10**9, enable_progress_bar=False)
     results = {}
     for label, scale in (("clipping", 1.0), ("not clipping", 1e-6)):
         ours = GradientClipping(max_norm=1.0)
@@ -146,7 +143,7 @@ def clipping_micro(reps: int) -> dict[str, dict[str, float]]:
                     p.grad = torch.full_like(p, scale)
                 start = time.perf_counter()
                 if name == "ours":
-                    ours.on_before_optimizer_step(trainer, module, optimizer)  # type: ignore[arg-type]
+                    ours.on_before_optimizer_step(trainer, model, optimizer)
                 else:
                     torch.nn.utils.clip_grad_norm_(params, 1.0, 2.0)
                 times[name].append(time.perf_counter() - start)
@@ -156,25 +153,36 @@ def clipping_micro(reps: int) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (order rotated each round)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--micro-reps", type=int, default=40, help="repetitions of the clipping micro-benchmark")
     args = parser.parse_args()
+    for name in ("steps", "rounds", "threads", "micro_reps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    bench = Bench("callbacks", args)
+    if bench.quick:
+        args.steps, args.warmup, args.rounds, args.micro_reps = 9, 1, 1, 2  # 10 steps: LRSchedule warms up 10
+    sizes = QUICK if bench.quick else FULL
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     n = 64 * (args.steps + args.warmup)
-    data = TensorDataset(torch.randn(n, 512, generator=generator), torch.randint(0, 10, (n,), generator=generator))
-    params = sum(p.numel() for p in Model().parameters())
+    data = TensorDataset(
+        torch.randn(n, sizes["features"], generator=generator), torch.randint(0, 10, (n,), generator=generator)
+    )
+    params = sum(p.numel() for p in Model(**sizes).parameters())
 
     names = list(CONTENDERS)
     rounds: dict[str, list[float]] = {name: [] for name in names}
     in_hooks: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: nobody always goes first
-            step, hooks = time_contender(name, args.steps, args.warmup, data)
+            step, hooks = time_contender(name, args.steps, args.warmup, data, sizes)
             rounds[name].append(step)
             in_hooks[name].append(hooks)
             print(
@@ -182,7 +190,7 @@ def main() -> None:
                 f"{1e3 * hooks:7.2f} ms in our hooks",
                 flush=True,
             )
-    micro = clipping_micro(args.micro_reps)
+    micro = clipping_micro(args.micro_reps, sizes)
     step_ms = {name: 1e3 * statistics.median(times) for name, times in rounds.items()}
     hook_ms = {name: 1e3 * statistics.median(times) for name, times in in_hooks.items()}
     plain = step_ms["plain Lightning"]
@@ -203,15 +211,6 @@ def main() -> None:
             }
         )
 
-    environment = {
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or "unknown",
-        "cpu_threads": torch.get_num_threads(),
-        "device": "cpu",
-    }
     print(
         f"\n{params / 1e6:.1f}M-parameter MLP, batch 64, AdamW, {args.steps} timed steps x {args.rounds} rounds, "
         f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} CPU threads"
@@ -233,32 +232,26 @@ def main() -> None:
             f"[rounds {row['ratio_min']:.3f} .. {row['ratio_max']:.3f}]"
         )
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
         "parameters": params,
         "batch_size": 64,
-        "args": vars(args),
         "step_ms": step_ms,
         "hook_ms": hook_ms,
         "hook_overhead": hook_overhead,
         "clipping_micro": micro,
         "rounds_ms": {k: [1e3 * t for t in v] for k, v in rounds.items()},
         "ratios": ratios,
-        "environment": environment,
     }
-    (RESULTS / "callbacks.json").write_text(json.dumps(payload, indent=2))
-    plot(payload, RESULTS / "callbacks.png")
-    print(f"\nwrote {RESULTS / 'callbacks.json'} and {RESULTS / 'callbacks.png'}")
+    print()
+    bench.write_json(payload)
+    bench.save_figure(plot(payload, threads=torch.get_num_threads()), "callbacks.png")
 
 
-def plot(payload: dict, path: Path) -> None:
+def plot(payload: dict, *, threads: int):
     """Bars of the mean step time, labelled with the time spent inside our hooks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    step_ms, hook_ms, environment = payload["step_ms"], payload["hook_ms"], payload["environment"]
+    step_ms, hook_ms = payload["step_ms"], payload["hook_ms"]
     fig, ax = plt.subplots(figsize=(9, 3.8), constrained_layout=True)
     names = list(step_ms)
     ax.barh(names, [step_ms[n] for n in names], color=["#888", "#888", "#1f77b4", "#2ca02c", "#d62728"])
@@ -270,12 +263,11 @@ def plot(payload: dict, path: Path) -> None:
     ax.set_xlim(0, max(step_ms.values()) * 2.0)
     ax.set_xlabel("mean time per optimizer step (ms), median of interleaved rounds")
     ax.set_title(
-        f"{payload['parameters'] / 1e6:.1f}M-param MLP, batch 64, {environment['cpu_threads']} CPU threads, "
-        f"torch {environment['torch']}, lightning {environment['lightning']}",
+        f"{payload['parameters'] / 1e6:.1f}M-param MLP, batch 64, {threads} CPU threads, "
+        f"torch {torch.__version__}, lightning {L.__version__}",
         fontsize=9,
     )
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

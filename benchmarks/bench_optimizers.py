@@ -1,27 +1,24 @@
 """Time of ``optimizer.step()`` for ``lamb``, ``lars``, ``simplified_adam`` and ``adaptive_sgd`` against torch's
 ``adam`` (foreach) on the same ~9.5M-parameter MLP, interleaved in one process (the order rotates each round) on
-fixed random gradients. Prints ratios (ours / adam) and absolute figures; writes benchmarks/results/optimizers.json
-and .png.
+fixed random gradients. Prints ratios (ours / adam) and absolute figures; writes optimizers.json and optimizers.png
+to ``--out`` (default benchmarks/results).
 
-    python benchmarks/bench_optimizers.py [--reps 80]
+    python benchmarks/bench_optimizers.py [--reps 80] [--quick] [--out DIR]
+
+``--quick`` steps a tiny MLP a few times: it checks the script, not the timings.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
-import lightning as L
 import torch
+from _common import Bench, bench_parser  # benchmarks/ is on sys.path when a benchmark runs
 
 from lightning_dl.nn import MLP
 from lightning_dl.optim import build_optimizer
 
-RESULTS = Path(__file__).parent / "results"
 CONTENDERS = {
     "adam": dict(foreach=True),
     "lamb": {},
@@ -33,13 +30,19 @@ GOALS = {"lamb": 1.5, "lars": 1.5, "simplified_adam": 1.2, "adaptive_sgd": 2.0}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--reps", type=int, default=80, help="timed steps per optimizer (interleaved)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.reps < 1 or args.threads < 1:
+        parser.error(f"--reps and --threads must be >= 1, got {args.reps} and {args.threads}")
+    bench = Bench("optimizers", args)
+    if bench.quick:
+        args.reps = 3
+    features, width = (16, 32) if bench.quick else (512, 2048)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    models = {name: MLP(512, [2048, 2048, 2048], 10) for name in CONTENDERS}
+    models = {name: MLP(features, [width, width, width], 10) for name in CONTENDERS}
     params = sum(p.numel() for p in next(iter(models.values())).parameters())
     optimizers = {}
     for name, model in models.items():
@@ -57,14 +60,6 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     step_ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
     ratios = {name: step_ms[name] / step_ms["adam"] for name in GOALS}
-    environment = {
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "device": "cpu",
-    }
     print(
         f"{params / 1e6:.1f}M parameters, {args.reps} interleaved steps each, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads; median time of optimizer.step()"
@@ -72,28 +67,21 @@ def main() -> None:
     for name in names:
         goal = f"  {ratios[name]:.2f}x adam (goal <= {GOALS[name]:.1f}x)" if name in GOALS else ""
         print(f"  {name:<16} {step_ms[name]:8.2f} ms{goal}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
         "parameters": params,
-        "args": vars(args),
         "step_ms": step_ms,
         "ratio_to_adam": ratios,
         "goals": GOALS,
         "times_ms": {k: [1e3 * t for t in v] for k, v in times.items()},
-        "environment": environment,
     }
-    (RESULTS / "optimizers.json").write_text(json.dumps(payload, indent=2))
-    plot(payload, RESULTS / "optimizers.png")
-    print(f"wrote {RESULTS / 'optimizers.json'} and {RESULTS / 'optimizers.png'}")
+    bench.write_json(payload)
+    bench.save_figure(plot(payload, threads=torch.get_num_threads()), "optimizers.png")
 
 
-def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot(payload: dict, *, threads: int):
     import matplotlib.pyplot as plt
 
-    step_ms, env = payload["step_ms"], payload["environment"]
+    step_ms = payload["step_ms"]
     names = list(step_ms)
     fig, ax = plt.subplots(figsize=(8, 3.2), constrained_layout=True)
     ax.barh(names, [step_ms[n] for n in names], color=["#888"] + ["#1f77b4"] * (len(names) - 1))
@@ -105,11 +93,10 @@ def plot(payload: dict, path: Path) -> None:
     ax.set_xlim(0, max(step_ms.values()) * 1.9)
     ax.set_xlabel("median time of optimizer.step() (ms)")
     ax.set_title(
-        f"{payload['parameters'] / 1e6:.1f}M-param MLP, {env['cpu_threads']} CPU threads, torch {env['torch']}",
+        f"{payload['parameters'] / 1e6:.1f}M-param MLP, {threads} CPU threads, torch {torch.__version__}",
         fontsize=9,
     )
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":
