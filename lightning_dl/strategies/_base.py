@@ -1,8 +1,10 @@
 """What the asynchronous strategies share: processes that hold no common process group (collectives are local),
-rank 0 alone validates, checkpoints and stops early, and a worker's ``global_step`` follows a global count."""
+rank 0 alone validates, checkpoints and stops early, a worker's ``global_step`` follows a global count, and after
+``fit`` the calling process holds rank 0's training state (loops, optimizer, schedulers, callbacks)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -27,6 +29,8 @@ class AsyncBase(ParallelStrategy):
         if start_method not in START_METHODS:
             raise ValueError(f"`start_method` must be one of {START_METHODS}, got {start_method!r}.")
         self.start_method = start_method
+        self._final_optimizer_states: list[dict[str, Any]] | None = None  # set on rank 0 while its peers still run
+        self._run_state: dict[str, Any] | None = None  # rank 0's state at the end of fit, in the calling process
 
     def _check_devices(self, name: str, least: int, why: str) -> None:
         if self.num_processes < least:
@@ -79,6 +83,41 @@ class AsyncBase(ParallelStrategy):
         self.cluster_environment.set_world_size(self.num_processes)
         self.cluster_environment.set_global_rank(self.cluster_environment.local_rank())
         rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
+
+    def run_state(self, trainer: L.Trainer) -> dict[str, Any]:
+        """On rank 0 after ``fit``: what the calling process needs to save a checkpoint that resumes where the run
+        ended (its loops' progress, optimizer and scheduler states, callback states)."""
+        optimizers = self._final_optimizer_states
+        if optimizers is None:
+            optimizers = [self.optimizer_state(optimizer) for optimizer in self.optimizers]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        return {
+            "loops": trainer.fit_loop.state_dict(),
+            "optimizer_states": optimizers,
+            "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+            "callbacks": {c.state_key: c.state_dict() for c in callbacks},
+        }
+
+    def restore_run_state(self, trainer: L.Trainer, state: dict[str, Any]) -> None:
+        """In the calling process after ``fit``: take rank 0's loops and callback states (``global_step``,
+        ``current_epoch``, ``ModelCheckpoint``'s best paths, ...) and keep its optimizer and scheduler states for
+        ``trainer.save_checkpoint``."""
+        trainer.fit_loop.load_state_dict(state["loops"])
+        trainer.fit_loop.restarting = False  # the run is over, not interrupted
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if callback.state_key in state["callbacks"]:
+                callback.load_state_dict(state["callbacks"][callback.state_key])
+        self._run_state = state
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None
+    ) -> None:
+        # After fit the calling process has no optimizer of its own (rank 0 had it): save rank 0's final states
+        if self.in_process and not self.optimizers and self._run_state is not None and "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = self._run_state["optimizer_states"]
+            checkpoint["lr_schedulers"] = self._run_state["lr_schedulers"]
+        super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @override
     def barrier(self, name: str | None = None) -> None:

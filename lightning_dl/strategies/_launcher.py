@@ -5,6 +5,7 @@ process, on the parameters training left there."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -16,22 +17,26 @@ from typing import Any
 import lightning as L
 import torch
 import torch.multiprocessing as mp
+from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.strategies.launchers.multiprocessing import _GlobalStateSnapshot, _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
 
 from lightning_dl.strategies._base import AsyncBase
 
 log = logging.getLogger(__name__)
+_RUN_STATE = "lightning_dl_run_state"
 
 
 class ProcessDiedError(RuntimeError):
     """An essential process of an asynchronous run died."""
 
 
-class TolerantLauncher(_MultiProcessingLauncher):
-    """Starts ``strategy.num_processes`` processes for ``fit``. Ranks below ``essential`` are the ones the run
-    cannot lose; after an essential failure the others get ``grace`` seconds to exit before they are
-    terminated. ``share_memory`` keeps tensors shared with the parent (Hogwild) instead of copying them."""
+class TolerantLauncher(_Launcher):
+    """Starts ``strategy.num_processes`` processes for ``fit``; runs everything else in the calling process. Ranks
+    below ``essential`` are the ones the run cannot lose; after an essential failure the others get ``grace``
+    seconds to exit before they are terminated. ``share_memory`` keeps tensors shared with the parent (Hogwild)
+    instead of copying them."""
 
     def __init__(
         self,
@@ -42,20 +47,53 @@ class TolerantLauncher(_MultiProcessingLauncher):
         share_memory: bool = False,
         grace: float = 30.0,
     ) -> None:
+        self._async = strategy
+        self._spawner = _Spawner(strategy, start_method, essential=essential, share_memory=share_memory, grace=grace)
+        self._picked: list[Any] = []  # loggers whose version this launcher chose for the last fit
+
+    @property
+    @override
+    def is_interactive_compatible(self) -> bool:
+        return self._spawner.is_interactive_compatible
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            _new_log_versions(self._picked)
+            self._picked = []
+            self._async.in_process = True
+            return function(*args, **kwargs)
+        # fix each version here, so the processes and this one share the directory
+        self._picked = [logger for logger in trainer.loggers if getattr(logger, "_version", 0) is None]
+        for logger in trainer.loggers:
+            _ = logger.version
+        self._async.in_process = False
+        try:
+            return self._spawner.launch(function, *args, trainer=trainer, **kwargs)
+        finally:  # whatever happened, save/test/validate/predict now run here on this process's parameters
+            self._async.in_process = True
+
+    @override
+    def kill(self, signum: Any) -> None:
+        self._spawner.kill(signum)
+
+
+class _Spawner(_MultiProcessingLauncher):
+    """Lightning's multiprocessing launcher, watching the processes instead of joining them, and handing rank 0's
+    training state back with its parameters."""
+
+    def __init__(
+        self, strategy: AsyncBase, start_method: str, *, essential: int, share_memory: bool, grace: float
+    ) -> None:
         super().__init__(strategy, start_method=start_method)  # type: ignore[arg-type]
         self._async = strategy
         self._essential = essential
         self._share_memory = share_memory
         self._grace = grace
 
+    @override
     def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
-            self._async.in_process = True
-            return function(*args, **kwargs)
-        self._async.in_process = False
-        for logger in trainer.loggers:  # fix each version here, so the processes and this one share the directory
-            _ = logger.version
-        assert self._strategy.cluster_environment is not None
+        assert trainer is not None and self._strategy.cluster_environment is not None
         os.environ["MASTER_PORT"] = str(self._strategy.cluster_environment.main_port)
         context = mp.get_context(self._start_method)
         return_queue = context.SimpleQueue()
@@ -72,6 +110,21 @@ class TolerantLauncher(_MultiProcessingLauncher):
         output = return_queue.get()
         self._recover_results_in_main_process(output, trainer)
         return output.trainer_results
+
+    @override
+    def get_extra_results(self, trainer: L.Trainer) -> dict[str, Any]:
+        extra = super().get_extra_results(trainer)
+        buffer = io.BytesIO()
+        torch.save(self._async.run_state(trainer), buffer)
+        extra[_RUN_STATE] = buffer.getvalue()
+        return extra
+
+    @override
+    def update_main_process_results(self, trainer: L.Trainer, extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        # written by rank 0 of this run (a process this one started), so unpickling it is as safe as the run itself
+        state = torch.load(io.BytesIO(extra[_RUN_STATE]), weights_only=False)
+        self._async.restore_run_state(trainer, state)
 
     def _watch(self, processes: list, error_files: list) -> None:
         reported: set[int] = set()
@@ -131,6 +184,16 @@ class TolerantLauncher(_MultiProcessingLauncher):
             results = self._collect_rank_zero_results(trainer, results)
         if process_idx == 0:
             return_queue.put(results)
+
+
+def _new_log_versions(loggers: list[Any]) -> None:
+    """Send what the calling process logs after a fit to a new version directory (as Lightning does after
+    ``ddp_spawn``): the fit's processes wrote the version chosen for them, and a logger opened on it here would
+    delete their metrics. Only versions the launcher chose are changed, never one the user gave."""
+    for logger in loggers:
+        # CSVLogger and TensorBoardLogger pick the next free version when theirs is unset and nothing is open yet
+        if getattr(logger, "_experiment", True) is None:
+            logger._version = None
 
 
 def _unshare(obj: Any) -> Any:

@@ -313,7 +313,8 @@ class AsyncSGDStrategy(AsyncBase):
             if not self._server.wait_workers_gone(self.timeout):
                 raise TimeoutError(f"Workers {self._server.active_workers} did not finish within {self.timeout} s.")
             if self.global_rank == 0:
-                self._gather_params()
+                self._gather_params()  # the whole model and optimizer state, while the other servers still answer
+                self._final_optimizer_states = [self.optimizer_state(o) for o in self.optimizers]
                 for s in range(1, self.num_servers):
                     rpc.call(f"server{s}", "release", timeout=self.timeout)
                 if not any(s.applied for s in self._server.workers):

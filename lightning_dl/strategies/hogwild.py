@@ -1,7 +1,8 @@
 """Hogwild (Niu et al. 2011) as a Lightning strategy: ``Trainer(strategy="hogwild")``. The ``devices`` processes
 share the module's parameters through shared memory and each steps them with its own optimizer on its own shard
-of the training data, without locks. ``trainer.global_step`` counts the steps of all processes together, so
-``max_steps`` and LR schedules follow the global count; rank 0 validates, logs and checkpoints.
+of the training data, without locks on the parameters. ``trainer.global_step`` counts the steps of all processes
+together (each step takes a number from one shared counter), so ``max_steps`` and LR schedules follow the global
+count exactly; rank 0 validates, logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.multiprocessing as mp
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -66,7 +68,9 @@ class HogwildStrategy(AsyncBase):
             raise ValueError(f"`grace` must be > 0 seconds, got {grace!r}.")
         self.grace = grace
         self._base = 0  # global step restored from a checkpoint; the shared counter adds to it
-        self._steps: torch.Tensor | None = None  # steps per process, in shared memory
+        self._count: torch.Tensor | None = None  # steps taken in this fit by all processes, in shared memory
+        self._applied: torch.Tensor | None = None  # of those, the updates written into the parameters
+        self._lock: Any = None  # makes taking a number from ``_count`` atomic (fetch-and-add)
         self._stop: torch.Tensor | None = None  # rank 0 sets it when training ends
         self._ready: torch.Tensor | None = None  # one slot per process, set when it is about to train
         self._window = (0, 0.0)
@@ -81,7 +85,9 @@ class HogwildStrategy(AsyncBase):
     @override
     def _configure_launcher(self) -> None:
         self._check_devices("hogwild", 2, "processes sharing the parameters")
-        self._steps = torch.zeros(self.num_processes, dtype=torch.int64).share_memory_()
+        self._count = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._applied = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._lock = mp.get_context(self.start_method).Lock()
         self._stop = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._ready = torch.zeros(self.num_processes, dtype=torch.int64).share_memory_()
         self._launcher = _SharingLauncher(self, self.start_method, essential=1, share_memory=True, grace=self.grace)
@@ -100,7 +106,7 @@ class HogwildStrategy(AsyncBase):
 
     @override
     def on_train_start(self) -> None:
-        assert self._steps is not None and self._ready is not None
+        assert self._count is not None and self._ready is not None
         self._ready[self.global_rank] = 1  # start together, so no process trains alone while others still load
         deadline = time.monotonic() + self.grace
         while int(self._ready.sum()) < self.num_processes:
@@ -109,27 +115,56 @@ class HogwildStrategy(AsyncBase):
                 raise TimeoutError(f"Hogwild ranks {missing} did not start training within {self.grace} s.")
             time.sleep(0.01)
         self._base = self._trainer.global_step  # every process restored the same count on resume
-        self._window = (self._base + int(self._steps.sum()), time.monotonic())
+        self._window = (self._base + int(self._count), time.monotonic())
         set_global_step(self._trainer, self._window[0], after_step=False)
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        out = super().optimizer_step(optimizer, closure, model, **kwargs)  # the update lands in shared memory
         if self.in_process:
-            return out
-        assert self._steps is not None and self._stop is not None
-        self._steps[self.global_rank] += 1  # one writer per slot: no lock needed
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        assert self._stop is not None
         trainer = self._trainer
-        total = self._base + int(self._steps.sum())
-        set_global_step(trainer, total, after_step=True)
+        step = self._base + self._take_number() + 1  # this update's place in the global count
+        if 0 <= trainer.max_steps < step:  # another process took the last step of the budget: apply nothing
+            out = closure()  # Lightning expects the closure to have run
+            set_global_step(trainer, trainer.max_steps, after_step=True)
+            trainer.should_stop = True
+            self._wait_applied(trainer.max_steps - self._base)
+            return out
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)  # the update lands in shared memory
+        self._add_applied()
+        set_global_step(trainer, step, after_step=True)
+        if step == trainer.max_steps:
+            self._wait_applied(step - self._base)
         if self._stop.item():
             trainer.should_stop = True
-        if self.global_rank == 0 and writes_logs(trainer, total):
+        if self.global_rank == 0 and writes_logs(trainer, step):
             done, since = self._window
             now = time.monotonic()
-            self._module.log("hogwild/updates_per_s", (total - done) / max(now - since, 1e-9), batch_size=1)
-            self._window = (total, now)
+            self._module.log("hogwild/updates_per_s", (step - done) / max(now - since, 1e-9), batch_size=1)
+            self._window = (step, now)
         return out
+
+    def _take_number(self) -> int:
+        """Fetch-and-add on the shared step counter: the number of steps all processes took before this one."""
+        assert self._count is not None
+        with self._lock:
+            taken = int(self._count)
+            self._count += 1
+        return taken
+
+    def _add_applied(self) -> None:
+        assert self._applied is not None
+        with self._lock:
+            self._applied += 1
+
+    def _wait_applied(self, updates: int) -> None:
+        """On rank 0, once the step budget is spent: wait until the steps other processes took within it are in
+        the parameters, so what rank 0 saves and hands back holds all ``max_steps`` updates."""
+        assert self._applied is not None
+        deadline = time.monotonic() + self.grace
+        while self.global_rank == 0 and int(self._applied) < updates and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     @override
     def on_train_end(self) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+from torch.utils.data import DataLoader
 
 
 class KillRank(L.Callback):
@@ -43,4 +46,47 @@ class HogwildAudit(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_rank == 0:
             trainer.callback_metrics["audit/global_step"] = torch.tensor(trainer.global_step)
-            trainer.callback_metrics["audit/updates"] = trainer.strategy._steps.sum().clone()
+            trainer.callback_metrics["audit/updates"] = trainer.strategy._applied.clone()
+
+
+class ProgressAudit(L.Callback):
+    """On rank 0 at the end of ``fit``: its global step, epoch and batches seen, in ``callback_metrics``."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank == 0:
+            trainer.callback_metrics["audit/global_step"] = torch.tensor(trainer.global_step)
+            trainer.callback_metrics["audit/epoch"] = torch.tensor(trainer.current_epoch)
+            batches = trainer.fit_loop.epoch_loop.batch_progress.total.completed
+            trainer.callback_metrics["audit/batches"] = torch.tensor(batches)
+
+
+class Boring(BoringModel):
+    """Lightning's own ``BoringModel`` (one ``Linear(32, 2)``) with momentum, a step-wise LR schedule, a logged test
+    loss and 16 training samples in batches of 2, so that a few spawned processes finish in seconds."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(RandomDataset(32, 16), batch_size=2)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        self.log("val_loss", self.step(batch))
+
+    def test_step(self, batch: Any, batch_idx: int) -> Any:
+        self.log("test_loss", self.step(batch))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(fixed_data(), batch_size=8)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(fixed_data(), batch_size=8)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(fixed_data(), batch_size=8)
+
+
+def fixed_data() -> torch.Tensor:
+    return torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
