@@ -164,3 +164,74 @@ def noise_scale_sample(small_sq: float, big_sq: float, small_batch: float, big_b
     g2 = (big_batch * big_sq - small_batch * small_sq) / (big_batch - small_batch)
     trace = (small_sq - big_sq) / (1.0 / small_batch - 1.0 / big_batch)
     return g2, trace
+
+
+class RatioEMA:
+    """An estimate ``ā/b̄`` from debiased EMAs of paired measurements ``(a_i, b_i)`` (floats, or tensors
+    element-wise), with its standard error from the spread of the measurements the EMAs combine.
+
+    The EMA is a weighted mean with weights ``w_i = (1 − d)·d^{n−i}``; with ``n_eff = (Σw)²/Σw²`` measurements'
+    worth of information, the delta method gives, for independent measurements,
+
+        SE(ā/b̄) = √( Σw·(a − R·b)² / Σw / (n_eff − 1) ) / |b̄|,   R = ā/b̄,
+
+    the weighted spread of the residuals ``a_i − R·b_i`` (whose weighted mean is 0), with the reliability-weights
+    correction. ``None`` while ``n_eff <= 1`` (one measurement, or ``decay = 0``).
+
+    Example::
+
+        >>> ratio = RatioEMA(0.5)
+        >>> for a, b in [(2.0, 1.0), (6.0, 2.0), (3.0, 1.0)]:
+        ...     _ = ratio.update(a, b)
+        >>> round(ratio.ratio, 4), round(ratio.stderr, 4)
+        (2.8889, 0.2466)
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.numerator, self.denominator = DebiasedEMA(decay), DebiasedEMA(decay)
+        self.numerator_sq, self.denominator_sq, self.cross = DebiasedEMA(decay), DebiasedEMA(decay), DebiasedEMA(decay)
+        self.weight_sq = 0.0  # Σw², with Σw = self.numerator.weight
+
+    def update(self, numerator: Any, denominator: Any) -> Any:
+        """Fold in one measurement; returns the new ratio."""
+        self.numerator.update(numerator)
+        self.denominator.update(denominator)
+        self.numerator_sq.update(numerator * numerator)
+        self.denominator_sq.update(denominator * denominator)
+        self.cross.update(numerator * denominator)
+        decay = self.numerator.decay
+        self.weight_sq = self.weight_sq * decay**2 + (1.0 - decay) ** 2
+        return self.ratio
+
+    @property
+    def effective_count(self) -> float:
+        """``n_eff = (Σw)²/Σw²`` (0 before the first measurement)."""
+        return self.numerator.weight**2 / self.weight_sq if self.weight_sq > 0 else 0.0
+
+    @property
+    def ratio(self) -> Any:
+        """``ā/b̄`` (None before the first measurement)."""
+        if self.numerator.value is None:
+            return None
+        return self.numerator.value / self.denominator.value
+
+    @property
+    def stderr(self) -> Any:
+        """The standard error of :attr:`ratio` (None while ``n_eff <= 1``)."""
+        n_eff = self.effective_count
+        if self.numerator.value is None or n_eff <= 1.0 + 1e-12:
+            return None
+        ratio = self.ratio
+        spread = self.numerator_sq.value - 2 * ratio * self.cross.value + ratio * ratio * self.denominator_sq.value
+        if isinstance(spread, torch.Tensor):
+            return (spread.clamp_min(0.0) / (n_eff - 1.0)).sqrt() / self.denominator.value.abs()
+        return math.sqrt(max(spread, 0.0) / (n_eff - 1.0)) / abs(self.denominator.value)
+
+    def state_dict(self) -> dict[str, Any]:
+        names = ("numerator", "denominator", "numerator_sq", "denominator_sq", "cross")
+        return {name: getattr(self, name).state_dict() for name in names} | {"weight_sq": self.weight_sq}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weight_sq = state["weight_sq"]
+        for name in ("numerator", "denominator", "numerator_sq", "denominator_sq", "cross"):
+            getattr(self, name).load_state_dict(state[name])

@@ -74,3 +74,39 @@ def test_noise_scale_sample_recovers_known_moments() -> None:
     small, big = 8, 64
     est_g2, est_trace = scaling.noise_scale_sample(g2 + trace / small, g2 + trace / big, small, big)
     assert est_g2 == pytest.approx(g2) and est_trace == pytest.approx(trace)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9])
+def test_ratio_ema_and_its_standard_error_match_the_weighted_sums(decay) -> None:
+    """ā/b̄ and SE = √(Σw(a − Rb)²/Σw/(n_eff − 1))/|b̄| with w_i = (1 − d)d^(n−i), written out; floats and tensors."""
+    g = torch.Generator().manual_seed(0)
+    numerators, denominators = torch.rand(7, generator=g) + 2, torch.rand(7, generator=g) + 0.5
+    pairs = [(float(a), float(b)) for a, b in zip(numerators, denominators, strict=True)]
+    ratio, elementwise = scaling.RatioEMA(decay), scaling.RatioEMA(decay)
+    for a, b in pairs:
+        ratio.update(a, b)
+        elementwise.update(torch.tensor([a, 2 * a], dtype=torch.float64), torch.tensor([b, b], dtype=torch.float64))
+    weights = [(1 - decay) * decay ** (len(pairs) - 1 - i) for i in range(len(pairs))]
+    total = sum(weights)
+    mean_a = sum(w * a for w, (a, _) in zip(weights, pairs, strict=True)) / total
+    mean_b = sum(w * b for w, (_, b) in zip(weights, pairs, strict=True)) / total
+    r = mean_a / mean_b
+    n_eff = total**2 / sum(w * w for w in weights)
+    assert ratio.ratio == pytest.approx(r) and ratio.effective_count == pytest.approx(n_eff)
+    if decay == 0.0:  # the last measurement alone: no spread to measure
+        assert ratio.stderr is None and elementwise.stderr is None
+        return
+    spread = sum(w * (a - r * b) ** 2 for w, (a, b) in zip(weights, pairs, strict=True)) / total
+    assert ratio.stderr == pytest.approx(math.sqrt(spread / (n_eff - 1)) / mean_b, rel=1e-9)
+    torch.testing.assert_close(elementwise.ratio, torch.tensor([r, 2 * r], dtype=torch.float64))
+    torch.testing.assert_close(elementwise.stderr[0], torch.tensor(ratio.stderr, dtype=torch.float64))
+    restored = scaling.RatioEMA(decay)
+    restored.load_state_dict(ratio.state_dict())
+    assert restored.ratio == ratio.ratio and restored.stderr == ratio.stderr
+
+
+def test_ratio_ema_has_no_standard_error_from_one_measurement() -> None:
+    ratio = scaling.RatioEMA(0.9)
+    assert ratio.ratio is None and ratio.stderr is None and ratio.effective_count == 0.0
+    ratio.update(3.0, 1.0)
+    assert ratio.ratio == 3.0 and ratio.stderr is None

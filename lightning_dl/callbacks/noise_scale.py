@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_dl.callbacks._logging import log_step, should_log
 from lightning_dl.callbacks.batch_size_scaling import BatchGeometry, batch_geometry, reduce_sum
 from lightning_dl.parallel.grad_norm import MicroBatchGradSquares
-from lightning_dl.scaling import DebiasedEMA, noise_scale_sample
+from lightning_dl.scaling import DebiasedEMA, RatioEMA, noise_scale_sample
 
 MCALLESTER_LAMBDA_B = 16.0
 
@@ -58,9 +58,15 @@ class GradientNoiseScale(Callback):
     estimator of this kind it assumes a loss that is a mean over the samples of the batch.
 
     Both ``|G|²`` and ``tr(Σ)`` (and, per coordinate, ``g²`` and ``σ²``) are smoothed by a debiased EMA before the
-    ratio. On the steps Lightning writes logs (``log_every_n_steps``) it logs the current ``noise_scale/b_simple``,
-    ``noise_scale/grad_sq``, ``noise_scale/trace_cov``,
-    ``noise_scale/b_star_median`` and, with ``suggest_batch_size``, ``noise_scale/suggested_batch_size``.
+    ratio. Each estimate comes with a standard error from the spread of the per-measurement values that the EMA
+    combines (:class:`~lightning_dl.scaling.RatioEMA`: the delta method over ``n_eff = (Σw)²/Σw²`` measurements'
+    worth, assuming independent measurements; drift of the parameters between measurements shows up as spread).
+    For the median B* it is the median over coordinates of each coordinate's standard error: how far one
+    coordinate's B* can be trusted (the median of many moves less). On the steps Lightning writes logs
+    (``log_every_n_steps``) it logs the current ``noise_scale/b_simple`` and ``noise_scale/b_simple_stderr``,
+    ``noise_scale/grad_sq``, ``noise_scale/trace_cov``, ``noise_scale/b_star_median`` and
+    ``noise_scale/b_star_median_stderr`` and, with ``suggest_batch_size``, ``noise_scale/suggested_batch_size``.
+    A standard error appears from the second measurement on (``ema_decay > 0``).
 
     Args:
         every_n_steps: measure on optimizer steps divisible by this.
@@ -102,11 +108,31 @@ class GradientNoiseScale(Callback):
         self._coordinates: dict[int, torch.Tensor] | None = None
         self.batch_size = batch_size
         self.suggest_batch_size = suggest_batch_size
-        self.grad_sq, self.trace = DebiasedEMA(ema_decay), DebiasedEMA(ema_decay)
-        self.coord_grad_sq, self.coord_var = DebiasedEMA(ema_decay), DebiasedEMA(ema_decay)
+        self.simple = RatioEMA(ema_decay)  # tr(Σ) / |G|²
+        self.coordinate = RatioEMA(ema_decay)  # σ² / g², per followed coordinate
         self._squares: MicroBatchGradSquares | None = None
         self._batch: tuple[Any, int] | None = None
         self._geometry: BatchGeometry | None = None
+
+    @property
+    def grad_sq(self) -> DebiasedEMA:
+        """The EMA of ``|G|²``."""
+        return self.simple.denominator
+
+    @property
+    def trace(self) -> DebiasedEMA:
+        """The EMA of ``tr(Σ)``."""
+        return self.simple.numerator
+
+    @property
+    def coord_grad_sq(self) -> DebiasedEMA:
+        """The EMA of ``g²`` of each followed coordinate."""
+        return self.coordinate.denominator
+
+    @property
+    def coord_var(self) -> DebiasedEMA:
+        """The EMA of ``σ²`` of each followed coordinate."""
+        return self.coordinate.numerator
 
     @property
     def b_simple(self) -> float | None:
@@ -126,6 +152,20 @@ class GradientNoiseScale(Callback):
         if not informative.any():
             return None
         return (MCALLESTER_LAMBDA_B * var.clamp_min(0)[informative] / g2[informative]).median().item()
+
+    @property
+    def b_simple_stderr(self) -> float | None:
+        """The standard error of :attr:`b_simple` (None before two measurements, or while ``|G|² <= 0``)."""
+        g2 = self.grad_sq.value
+        return None if g2 is None or g2 <= 0 else self.simple.stderr
+
+    @property
+    def b_star_median_stderr(self) -> float | None:
+        """The median over the followed coordinates (``g² > 0``) of the standard error of ``16·σ²/g²``."""
+        g2, stderr = self.coord_grad_sq.value, self.coordinate.stderr
+        if g2 is None or stderr is None or not (g2 > 0).any():
+            return None
+        return (MCALLESTER_LAMBDA_B * stderr[g2 > 0]).median().item()
 
     def _params(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
         return [p for p in pl_module.parameters() if p.requires_grad]
@@ -260,22 +300,25 @@ class GradientNoiseScale(Callback):
         b_big: float,
     ) -> None:
         g2, trace = noise_scale_sample(small_sq, big_sq, b_small, b_big)
-        self.grad_sq.update(g2)
-        self.trace.update(trace)
+        self.simple.update(trace, g2)
         if small_vec is not None and big_vec is not None:
-            coord_g2, coord_var = noise_scale_sample(small_vec, big_vec.pow(2), b_small, b_big)  # type: ignore[arg-type]
-            self.coord_grad_sq.update(coord_g2)
-            self.coord_var.update(coord_var)
+            small, big = small_vec.double(), big_vec.double().pow(2)  # the spread subtracts moments: keep precision
+            coord_g2, coord_var = noise_scale_sample(small, big, b_small, b_big)  # type: ignore[arg-type]
+            self.coordinate.update(coord_var, coord_g2)
 
     def _log(self, pl_module: L.LightningModule) -> None:
         log_step(pl_module, "noise_scale/grad_sq", float(self.grad_sq.value))
         log_step(pl_module, "noise_scale/trace_cov", float(self.trace.value))
         if self.b_simple is not None:
             log_step(pl_module, "noise_scale/b_simple", self.b_simple)
+            if self.b_simple_stderr is not None:
+                log_step(pl_module, "noise_scale/b_simple_stderr", self.b_simple_stderr)
             if self.suggest_batch_size and 0 < self.b_simple < float("inf"):
                 log_step(pl_module, "noise_scale/suggested_batch_size", float(max(1, round(self.b_simple))))
         if self.b_star_median is not None:
             log_step(pl_module, "noise_scale/b_star_median", self.b_star_median)
+            if self.b_star_median_stderr is not None:
+                log_step(pl_module, "noise_scale/b_star_median_stderr", self.b_star_median_stderr)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -283,11 +326,19 @@ class GradientNoiseScale(Callback):
             self._squares.remove()
             self._squares = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """Unique per setting, so that several estimators (e.g. different ``ema_decay``) can run in one Trainer."""
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps, ema_decay=self.simple.numerator.decay, per_coordinate=self.per_coordinate
+        )
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name).state_dict() for name in ("grad_sq", "trace", "coord_grad_sq", "coord_var")}
+        return {"simple": self.simple.state_dict(), "coordinate": self.coordinate.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for name, state in state_dict.items():
-            getattr(self, name).load_state_dict(state)
+        self.simple.load_state_dict(state_dict["simple"])
+        self.coordinate.load_state_dict(state_dict["coordinate"])
