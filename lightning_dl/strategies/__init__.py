@@ -4,9 +4,12 @@
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dl.strategies.async_sgd import AsyncSGDStrategy
+from lightning_dl.strategies.compressed import CompressedDDPStrategy
+from lightning_dl.strategies.diloco import DiLoCoStrategy
 from lightning_dl.strategies.hogwild import HogwildStrategy
+from lightning_dl.strategies.local_sgd import LocalSGDStrategy
 
-__all__ = ["AsyncSGDStrategy", "HogwildStrategy"]
+__all__ = ["AsyncSGDStrategy", "CompressedDDPStrategy", "DiLoCoStrategy", "HogwildStrategy", "LocalSGDStrategy"]
 
-for _strategy in (AsyncSGDStrategy, HogwildStrategy):
+for _strategy in (AsyncSGDStrategy, HogwildStrategy, LocalSGDStrategy, DiLoCoStrategy, CompressedDDPStrategy):
     _strategy.register_strategies(StrategyRegistry)
