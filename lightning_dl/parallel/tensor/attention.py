@@ -9,7 +9,7 @@ splits each of the three blocks instead, keeping the parameter's name and full l
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -92,7 +92,7 @@ def _head_parallel_forward(
     is_causal: bool = False,
 ) -> tuple[torch.Tensor, None]:
     """The local heads of ``MultiheadAttention.forward``; attention weights are not returned (None)."""
-    group = self._tp_group
+    group = cast(dist.ProcessGroup, self._tp_group)
     if not self.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     seen: dict[int, torch.Tensor] = {}
@@ -101,8 +101,11 @@ def _head_parallel_forward(
         if id(t) not in seen:
             seen[id(t)] = _CopyToGroup.apply(t, group)
         inputs.append(seen[id(t)])
-    bias = _local(self.in_proj_bias)
-    biases = bias.chunk(3) if bias is not None else (None, None, None)
+    biases: tuple[torch.Tensor | None, ...] = (None, None, None)
+    if self.in_proj_bias is not None:
+        # the replicated bias: its gradient from this rank's heads only, summed over the group in backward
+        whole = _CopyToGroup.apply(_local_weight(self.in_proj_bias), group).view(3, group.size(), -1)
+        biases = tuple(whole[:, group.rank()].unbind(0))
     if self._qkv_same_embed_dim:
         weights = _local(self.in_proj_weight).chunk(3)  # type: ignore[union-attr]
     else:
@@ -137,7 +140,7 @@ class HeadParallelAttention(ParallelStyle):
         strided = [_StridedShard(0, split_factor=3)]
         placements: dict[str, list[Any]] = {
             "in_proj_weight": strided,
-            "in_proj_bias": strided,
+            "in_proj_bias": [Replicate()],  # whole on every rank (small); each uses its heads' rows
             "q_proj_weight": [Shard(0)],
             "k_proj_weight": [Shard(0)],
             "v_proj_weight": [Shard(0)],

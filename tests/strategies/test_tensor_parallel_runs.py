@@ -1,0 +1,154 @@
+"""``TensorParallelStrategy`` at tp2 and dp2 × tp2 equals one process (losses, gradients, parameters; clipping by
+the global norm through ``gradient_clip_val`` and ``GradientClipping``); fit then validate/test/predict in one
+script; full and sharded checkpoints load across tp2, dp2 × tp2 and one process with optimizer state; resume is
+exact. The processes are started by the harness, as torchrun would, and Lightning joins them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+from lightning_dl.callbacks import GradientClipping
+from lightning_dl.strategies._tensor_parallel_glue import optimizer_state_by_ids
+from lightning_dl.strategies.tensor_parallel import TensorParallelStrategy, plain_state_dict
+from tests.helpers.distributed import run_distributed
+from tests.helpers.trainer import quiet_trainer
+from tests.parallel.tensor.task import CLIP, GradRecorder, Task, assert_matches, global_batches, loader, reference
+
+pytestmark = pytest.mark.distributed
+EPOCHS = 2
+
+
+class SaveBothFormats(Callback):
+    """After the first epoch: a full checkpoint and a sharded one of the same state."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch != 0:
+            return
+        strategy = trainer.strategy
+        trainer.save_checkpoint(self.directory / "full.ckpt")
+        strategy.checkpoint_format, strategy._save_distributed_checkpoint = "sharded", True
+        trainer.save_checkpoint(self.directory / "sharded")
+        strategy.checkpoint_format, strategy._save_distributed_checkpoint = "full", False
+
+
+def _fit(name: str, strategy: TensorParallelStrategy, world: int, **kwargs) -> tuple[Task, GradRecorder, object]:
+    task, recorder = Task(name, seed=kwargs.pop("seed", 0)), GradRecorder()
+    callbacks, ckpt_path = [recorder, *kwargs.pop("callbacks", [])], kwargs.pop("ckpt_path", None)
+    trainer = quiet_trainer(devices=world, strategy=strategy, max_epochs=EPOCHS, callbacks=callbacks, **kwargs)
+    trainer.fit(task, loader(name), ckpt_path=ckpt_path)
+    return task, recorder, trainer
+
+
+def _run(task: Task, recorder: GradRecorder) -> dict:
+    return {"losses": task.losses, "grads": recorder.grads, "params": plain_state_dict(task)}
+
+
+def _optimizer_state(trainer, task) -> dict:
+    options = StateDictOptions(full_state_dict=True)
+    return optimizer_state_by_ids(get_optimizer_state_dict(task, trainer.optimizers[0], options=options))
+
+
+def _tp2(rank: int, world: int, directory: str) -> dict:
+    strategy = TensorParallelStrategy(loss_parallel=True, checkpoint_format="full")
+    task, recorder, trainer = _fit(
+        "transformer_lm", strategy, world, gradient_clip_val=CLIP, callbacks=[SaveBothFormats(directory)]
+    )
+    out = {"lm": _run(task, recorder), "plan": strategy.applied_plan.sharded_names}
+    # the same script goes on: validate, test and predict apply the plan again (a no-op) and use the trained shards
+    out["val"] = trainer.validate(task, loader("transformer_lm"), verbose=False)[0]["val_loss"]
+    out["test"] = trainer.test(task, loader("transformer_lm"), verbose=False)[0]["test_loss"]
+    out["predict"] = torch.cat(trainer.predict(task, loader("transformer_lm")))
+    out["plan_again"] = strategy.applied_plan.sharded_names
+    # resume from either checkpoint after epoch 1 with a model that starts elsewhere
+    for fmt in ("full.ckpt", "sharded"):
+        strategy = TensorParallelStrategy(loss_parallel=True, checkpoint_format="full")
+        resumed, _, _ = _fit(
+            "transformer_lm", strategy, world, gradient_clip_val=CLIP, seed=1, ckpt_path=f"{directory}/{fmt}"
+        )
+        out[f"resumed_{fmt}"] = plain_state_dict(resumed)
+    return out
+
+
+def _load_only(name: str, world: int, ckpt: str, **strategy_kwargs) -> dict:
+    strategy = TensorParallelStrategy(checkpoint_format="full", **strategy_kwargs)
+    task = Task(name, seed=1)
+    trainer = quiet_trainer(devices=world, strategy=strategy, max_epochs=1)
+    trainer.fit(task, loader(name), ckpt_path=ckpt)  # epoch 1 is complete in the checkpoint: nothing to train
+    return {"params": plain_state_dict(task), "optimizer": _optimizer_state(trainer, task)}
+
+
+def _dp2_tp2(rank: int, world: int, directory: str) -> dict:
+    out = {}
+    strategy = TensorParallelStrategy(tensor_parallel_size=2, data_parallel_size=2)
+    task, recorder, _ = _fit("torch_encoder", strategy, world, callbacks=[GradientClipping(max_norm=CLIP)])
+    out["encoder"] = _run(task, recorder)
+    strategy = TensorParallelStrategy(tensor_parallel_size=2, data_parallel_size=2, loss_parallel=True)
+    task, recorder, _ = _fit("transformer_lm", strategy, world, gradient_clip_val=CLIP)
+    out["lm"] = _run(task, recorder)
+    for fmt in ("full.ckpt", "sharded"):
+        out[fmt] = _load_only("transformer_lm", world, f"{directory}/{fmt}", data_parallel_size=2, loss_parallel=True)
+    return out
+
+
+def _one_process(rank: int, world: int, directory: str) -> dict:
+    return {fmt: _load_only("transformer_lm", 1, f"{directory}/{fmt}") for fmt in ("full.ckpt", "sharded")}
+
+
+def _assert_loaded(loaded: dict, saved: dict) -> None:
+    for key, value in saved["state_dict"].items():
+        torch.testing.assert_close(loaded["params"][key], value, rtol=0, atol=0, msg=key)
+    want = saved["optimizer_states"][0]
+    assert loaded["optimizer"]["state"].keys() == want["state"].keys()
+    for index, state in want["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(loaded["optimizer"]["state"][index][key], value, rtol=0, atol=0)
+
+
+def test_tp2_and_dp2_tp2_equal_one_process_and_checkpoints_cross_layouts(tmp_path: Path) -> None:
+    tp2 = run_distributed(_tp2, 2, str(tmp_path), timeout=300)[0]
+    lm_ref_tp2 = reference("transformer_lm", global_batches("transformer_lm", 1, EPOCHS))
+    assert_matches(tp2["lm"], lm_ref_tp2)
+    assert {"net.blocks.0.attn.qkv", "net.head.1", "net.embed.token"} <= set(tp2["plan"])
+    assert tp2["plan_again"] == tp2["plan"]
+    model = Task("transformer_lm")
+    model.load_state_dict(lm_ref_tp2["params"])
+    with torch.no_grad():
+        x, y = loader("transformer_lm").dataset.tensors
+        logits = model(x)
+        torch.testing.assert_close(tp2["predict"], logits, rtol=1e-5, atol=1e-5)
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    assert tp2["val"] == pytest.approx(want, rel=1e-5) and tp2["test"] == pytest.approx(want, rel=1e-5)
+    for fmt in ("full.ckpt", "sharded"):  # resume is exact
+        for key, value in lm_ref_tp2["params"].items():
+            torch.testing.assert_close(tp2[f"resumed_{fmt}"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+    # the full checkpoint is plain: it loads strict into the plain module, its optimizer state into plain SGD
+    saved = torch.load(tmp_path / "full.ckpt", weights_only=False)
+    plain = Task("transformer_lm", seed=1)
+    plain.load_state_dict(saved["state_dict"], strict=True)
+    torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9).load_state_dict(saved["optimizer_states"][0])
+    assert all(type(v) is torch.Tensor for v in saved["state_dict"].values())
+
+    dp2 = run_distributed(_dp2_tp2, 4, str(tmp_path), timeout=300)
+    assert_matches(
+        {**dp2[0]["encoder"], "losses": dp2[0]["encoder"]["losses"] + dp2[2]["encoder"]["losses"]},
+        reference("torch_encoder", global_batches("torch_encoder", 2, EPOCHS)),
+        dp=2,
+    )
+    assert_matches(
+        {**dp2[0]["lm"], "losses": dp2[0]["lm"]["losses"] + dp2[2]["lm"]["losses"]},
+        reference("transformer_lm", global_batches("transformer_lm", 2, EPOCHS)),
+        dp=2,
+    )
+    one = run_distributed(_one_process, 1, str(tmp_path), timeout=120)[0]
+    for fmt in ("full.ckpt", "sharded"):
+        _assert_loaded(dp2[0][fmt], saved)
+        _assert_loaded(one[fmt], saved)
