@@ -8,8 +8,23 @@ from lightning_dl.strategies.compressed import CompressedDDPStrategy
 from lightning_dl.strategies.diloco import DiLoCoStrategy
 from lightning_dl.strategies.hogwild import HogwildStrategy
 from lightning_dl.strategies.local_sgd import LocalSGDStrategy
+from lightning_dl.strategies.tensor_parallel import TensorParallelStrategy
 
-__all__ = ["AsyncSGDStrategy", "CompressedDDPStrategy", "DiLoCoStrategy", "HogwildStrategy", "LocalSGDStrategy"]
+__all__ = [
+    "AsyncSGDStrategy",
+    "CompressedDDPStrategy",
+    "DiLoCoStrategy",
+    "HogwildStrategy",
+    "LocalSGDStrategy",
+    "TensorParallelStrategy",
+]
 
-for _strategy in (AsyncSGDStrategy, HogwildStrategy, LocalSGDStrategy, DiLoCoStrategy, CompressedDDPStrategy):
+for _strategy in (
+    AsyncSGDStrategy,
+    HogwildStrategy,
+    LocalSGDStrategy,
+    DiLoCoStrategy,
+    CompressedDDPStrategy,
+    TensorParallelStrategy,
+):
     _strategy.register_strategies(StrategyRegistry)
