@@ -8,6 +8,7 @@ from lightning_dl.strategies.compressed import CompressedDDPStrategy
 from lightning_dl.strategies.diloco import DiLoCoStrategy
 from lightning_dl.strategies.hogwild import HogwildStrategy
 from lightning_dl.strategies.local_sgd import LocalSGDStrategy
+from lightning_dl.strategies.pipeline import PipelineStrategy
 from lightning_dl.strategies.tensor_parallel import TensorParallelStrategy
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "DiLoCoStrategy",
     "HogwildStrategy",
     "LocalSGDStrategy",
+    "PipelineStrategy",
     "TensorParallelStrategy",
 ]
 
@@ -25,6 +27,7 @@ for _strategy in (
     LocalSGDStrategy,
     DiLoCoStrategy,
     CompressedDDPStrategy,
+    PipelineStrategy,
     TensorParallelStrategy,
 ):
     _strategy.register_strategies(StrategyRegistry)
