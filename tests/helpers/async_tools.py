@@ -1,15 +1,21 @@
-"""Callbacks for the asynchronous-strategy tests; they live in an importable module because the strategies start
-their processes with ``spawn``, which pickles the Trainer and its callbacks by reference."""
+"""Callbacks and a model for the asynchronous-strategy tests; they live in an importable module because the
+strategies start their processes with ``spawn``, which pickles the Trainer and its callbacks by reference.
+``python -m tests.helpers.async_tools`` runs the fits that the tests start as separate commands (under torchrun,
+or to read a run's stderr)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 
@@ -38,6 +44,7 @@ class ServerAudit(L.Callback):
         trainer.callback_metrics["audit/applied"] = torch.tensor(sum(w.applied for w in server.workers))
         trainer.callback_metrics["audit/dead"] = torch.tensor(sum(w.dead for w in server.workers))
         trainer.callback_metrics["audit/global_step"] = torch.tensor(trainer.global_step)
+        trainer.callback_metrics["audit/worker_applied"] = torch.tensor([w.applied for w in server.workers])
 
 
 class HogwildAudit(L.Callback):
@@ -90,3 +97,48 @@ class Boring(BoringModel):
 
 def fixed_data() -> torch.Tensor:
     return torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="Fits for the async tests, run as their own commands.")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--max-steps", type=int, default=8)
+    parser.add_argument("--kill-rank", type=int, default=None, help="torchrun: kill this rank after 3 batches")
+    args = parser.parse_args()
+    # the classes from their importable module, not from __main__, so spawned processes find them
+    import lightning_dl  # noqa: F401
+    from lightning_dl.strategies import AsyncSGDStrategy
+    from tests.helpers import async_tools
+
+    if args.kill_rank is None:  # a clean run started by the strategy: 2 servers, 1 worker; then test
+        strategy, devices, callbacks = AsyncSGDStrategy(num_servers=2, timeout=60), {"devices": 3}, []
+        logger: Any = CSVLogger(args.out, name="clean")
+    else:  # two nodes of torchrun: the server and three workers, one of which dies
+        strategy, devices = AsyncSGDStrategy(timeout=30), {"devices": 2, "num_nodes": 2}
+        callbacks, logger = [async_tools.KillRank(args.kill_rank, after=3), async_tools.ServerAudit()], False
+    trainer = L.Trainer(
+        accelerator="cpu",
+        strategy=strategy,
+        max_steps=args.max_steps,
+        callbacks=callbacks,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **devices,
+    )
+    model = async_tools.Boring()
+    trainer.fit(model)
+    if args.kill_rank is None:
+        trainer.test(model, verbose=False)
+    elif trainer.global_rank == 0:
+        audit = {k.removeprefix("audit/"): v.tolist() for k, v in trainer.callback_metrics.items() if "audit" in k}
+        audit |= {"world_size": trainer.world_size, "num_workers": strategy.num_workers}
+        (args.out / "rank0.json").write_text(json.dumps(audit))
+
+
+if __name__ == "__main__":
+    _main()

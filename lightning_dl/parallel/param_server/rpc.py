@@ -2,13 +2,23 @@
 worker-side client that pushes to and fetches from every shard, and the server's watch on its workers.
 
 RPC runs pickled calls: the functions below execute on the server with whatever arguments arrive, so the
-processes must only listen on a trusted network. ``init`` binds to 127.0.0.1 unless told otherwise.
+processes must only listen on a trusted network. ``init`` listens on the network interface that holds the address
+it is given (127.0.0.1 unless told otherwise).
+
+At the end the processes leave together when they all can (``graceful``: nobody closes a connection under a peer
+that still reads it, so TensorPipe logs no error); the parameter server's rank 0 decides and the others ask it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
+import os
+import socket
+import struct
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,24 +33,120 @@ from lightning_dl.parallel.param_server.server import OK, ParameterServer, Push,
 _SERVED: dict[str, Any] = {}
 _SERVING = threading.Event()
 _SERVE_WAIT = 300.0  # seconds a call that arrives before the shard is set up waits for it
+_LEAVE_LOCK = threading.Lock()
+_LEAVE: dict[str, Any] = {"graceful": None, "waiting": []}  # rank 0's decision and the calls waiting for it
+_IFNAME = "TP_SOCKET_IFNAME"  # TensorPipe listens on this interface (else on the one of the host name)
+log = logging.getLogger(__name__)
 
 
 class ServerUnreachableError(RuntimeError):
     """A parameter server did not answer: it died, or it is stuck beyond the timeout."""
 
 
-def init(name: str, rank: int, world_size: int, *, address: str, port: int, timeout: float) -> None:
-    """Join the RPC group of ``world_size`` processes (TensorPipe over TCP on ``address:port``)."""
+def init(name: str, rank: int, world_size: int, *, store: str, address: str, timeout: float) -> None:
+    """Join the RPC group of ``world_size`` processes: rendezvous at ``store`` (``host:port``, hosted by rank 0 or
+    by torchrun's agent), listen on the network interface that holds ``address`` (TensorPipe over TCP)."""
+    if _IFNAME not in os.environ:  # a user's own choice of interface stands
+        os.environ[_IFNAME] = interface_of(address)
     options = rpc.TensorPipeRpcBackendOptions(
-        init_method=f"tcp://{address}:{port}", rpc_timeout=timeout, _transports=["uv"], num_worker_threads=8
+        init_method=f"tcp://{store}", rpc_timeout=timeout, _transports=["uv"], num_worker_threads=8
     )
-    rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
+    with _LEAVE_LOCK:
+        _LEAVE.update(graceful=None, waiting=[])
+    with warnings.catch_warnings():  # torch's own RPC set-up uses this deprecated path; nothing to change here
+        warnings.filterwarnings("ignore", message="You are using a Backend .* as a ProcessGroup")
+        rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
 
 
-def shutdown() -> None:
-    """Leave the RPC group without waiting for the others (a dead peer must not block the exit)."""
+def interface_of(address: str) -> str:
+    """The name of this machine's network interface that holds ``address`` (a host name or IPv4 address).
+
+    Example::
+
+        >>> interface_of("127.0.0.1")
+        'lo'
+    """
+    try:
+        ip = socket.gethostbyname(address)
+    except OSError as error:
+        raise ValueError(f"`address={address!r}` does not resolve to an IPv4 address: {error}.") from error
+    names = [name for _, name in socket.if_nameindex()]
+    for name in names:
+        if _ipv4_of(name) == ip:
+            return name
+    raise ValueError(
+        f"`address={address!r}` ({ip}) is not an address of this machine; its interfaces are {names}. Give an "
+        "address this machine listens on (its address on the network the other machines reach it by)."
+    )
+
+
+def _ipv4_of(interface: str) -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:  # SIOCGIFADDR: the interface's IPv4 address
+            packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", interface[:15].encode()))
+        except OSError:  # no IPv4 address on it
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def address_towards(host: str, port: int) -> str:
+    """This machine's address on the route to ``host`` (what the peers of a multi-machine run reach it by).
+
+    Example::
+
+        >>> address_towards("127.0.0.1", 29500)
+        '127.0.0.1'
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))  # a UDP connect sends nothing; it only picks the route
+        return str(probe.getsockname()[0])
+
+
+def shutdown(*, graceful: bool = False, timeout: float = 30.0) -> None:
+    """Leave the RPC group. ``graceful``: wait until every process of the group calls this too (each must), so no
+    connection closes under a live peer; otherwise leave at once (a dead peer must not block the exit)."""
+    if graceful:
+        try:
+            rpc.shutdown(graceful=True, timeout=timeout)
+        except RuntimeError as error:  # a peer is gone after all: the local part of the shutdown ran anyway
+            log.warning("The RPC processes could not leave together (%s); left alone.", error)
+        return
     with contextlib.suppress(RuntimeError):  # never initialised, or already shut down
         rpc.shutdown(graceful=False)
+
+
+def decide_leave(graceful: bool) -> None:
+    """On the parameter server's rank 0: how every process leaves (the first decision stands)."""
+    with _LEAVE_LOCK:
+        if _LEAVE["graceful"] is not None:
+            return
+        waiting, _LEAVE["waiting"], _LEAVE["graceful"] = _LEAVE["waiting"], [], graceful
+    for future in waiting:
+        future.set_result(graceful)
+
+
+def decided_leave() -> bool:
+    """Rank 0's decision (False when it made none)."""
+    return bool(_LEAVE["graceful"])
+
+
+@rpc.functions.async_execution
+def _leave_mode() -> Future:
+    future: Future = Future()
+    with _LEAVE_LOCK:
+        if _LEAVE["graceful"] is None:  # answered when rank 0 decides, without holding an RPC thread
+            _LEAVE["waiting"].append(future)
+            return future
+    future.set_result(_LEAVE["graceful"])
+    return future
+
+
+def ask_leave(leader: str, timeout: float) -> bool:
+    """Ask ``leader`` (rank 0) whether to leave gracefully; False when it cannot answer."""
+    try:
+        return bool(rpc.rpc_sync(leader, _leave_mode, timeout=timeout))
+    except RuntimeError:
+        return False
 
 
 def serve(server: ParameterServer, handlers: dict[str, Callable[..., Any]] | None = None) -> None:
