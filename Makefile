@@ -21,10 +21,11 @@ lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check lightning_dl tests examples benchmarks docs
 	$(PY) -m mypy lightning_dl
 
+# Every benchmarks/bench_*.py, one after another; `make bench BENCH_ARGS=--quick` checks them in seconds each,
+# `BENCH_ARGS="--out DIR"` writes elsewhere than benchmarks/results.
+BENCH_ARGS ?=
 bench: $(VENV)/.installed-dev
-	$(PY) benchmarks/bench_callbacks.py
-	$(PY) benchmarks/bench_optimizers.py
-	$(PY) benchmarks/bench_async.py
+	set -e; for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script $(BENCH_ARGS); done
 
 figures: $(VENV)/.installed-dev
 	$(PY) docs/figures.py
