@@ -23,15 +23,15 @@ class AdaptiveSGD(torch.optim.Optimizer):
     with ``g̃_0 = s̃_0 = 0``. ``N`` is the averaging horizon in *batches* and σ̃² the variance of *batch* gradients,
     so ``B·σ̃²`` estimates the per-sample variance σ̂² and the critical batch ``B* = B·N = λ_B·σ̂²/ĝ²`` counts
     samples, as in the derivation (λ_B = 16). ``w_t = 1/min(t, N)`` is the bias-corrected weight of the seed's
-    running averages: exactly the mean of the first ``t`` gradients while ``t < N``. The first ``K`` steps only
+    running averages: the mean of all gradients so far while ``t ≤ N``. The first ``K`` steps only
     gather statistics. λ_η = 1/(32·L) for a curvature bound ``L`` gives the derivation's η_B = B·ĝ²/(32·σ̂²·L).
     ``lr`` (default 1) scales the step so that LR schedules compose.
 
     Two additions to the derivation's rule keep it finite: ``min_horizon`` (default 2) bounds N from below, so the
-    averages always span more than the latest gradient (with N ≤ 1 the weight is 1, σ̃² is exactly 0 and stays
-    so); ``max_eta`` (default 1) bounds η where σ̃² is tiny (η = λ_η·g̃²/ε otherwise, e.g. under full-batch
-    gradients). ``batch_size`` only converts N into B* (``BatchSizeScaling`` keeps it equal to the effective batch).
-    :meth:`statistics` gives the mean B* (samples) and the mean η, for logging.
+    averages always span more than the latest gradient (at N = 1 the weight is 1, σ̃² is exactly 0 and N stays at
+    its floor); ``max_eta`` (default 1) bounds η where σ̃² is tiny (η = λ_η·g̃²/ε otherwise, e.g. under full-batch
+    gradients). ``batch_size`` only converts N into B*: give it the effective batch (``BatchSizeScaling`` keeps it
+    so) for B* in samples. :meth:`statistics` gives the mean B* (samples) and the mean η, for logging.
 
     Example::
 
