@@ -245,7 +245,15 @@ class TensorParallelStrategy(ModelParallelStrategy):
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Any:
         with self._loss_context():
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
+            loss = super().backward(closure_loss, optimizer, *args, **kwargs)
+        assert self.model is not None
+        for param in self.model.parameters():
+            # a vocabulary-parallel embedding's gradient comes back replicated (whole-sized on every rank), which
+            # would make its optimizer state whole-sized too: lay it out as the parameter
+            grad = param.grad
+            if isinstance(param, DTensor) and isinstance(grad, DTensor) and grad.placements != param.placements:
+                param.grad = grad.redistribute(placements=param.placements)
+        return loss
 
     def full_state_dict(self) -> dict[str, Any]:
         """The whole module's ``state_dict`` as plain CPU tensors on rank 0 ({} elsewhere); a collective."""

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+from torch.distributed.tensor import DTensor
 
 from lightning_dl.callbacks import GradientClipping
 from lightning_dl.strategies._tensor_parallel_glue import optimizer_state_by_ids
 from lightning_dl.strategies.tensor_parallel import TensorParallelStrategy, plain_state_dict
 from tests.helpers.distributed import run_distributed
 from tests.helpers.trainer import quiet_trainer
+from tests.parallel.tensor.models import build
 from tests.parallel.tensor.task import CLIP, GradRecorder, Task, assert_matches, global_batches, loader, reference
 
 pytestmark = pytest.mark.distributed
@@ -56,6 +59,30 @@ def _optimizer_state(trainer, task) -> dict:
     return optimizer_state_by_ids(get_optimizer_state_dict(task, trainer.optimizers[0], options=options))
 
 
+class BuiltInConfigureModel(Task):
+    """Creates its network in ``configure_model()``: on the meta device, materialised sharded."""
+
+    def __init__(self) -> None:
+        L.LightningModule.__init__(self)
+        self.name, self.net, self.losses = "transformer_lm", None, []
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = build("transformer_lm")
+
+
+def _memory(rank: int, world: int) -> dict:
+    """Per-rank sizes of a module built in configure_model(): parameters, gradients and optimizer state."""
+    task = BuiltInConfigureModel()
+    trainer = quiet_trainer(devices=world, strategy=TensorParallelStrategy(loss_parallel=True), max_steps=2)
+    trainer.fit(task, loader("transformer_lm"))
+    state = trainer.optimizers[0].state
+    return {
+        name: (p.numel(), local(p).numel(), local(p.grad).numel(), local(state[p]["momentum_buffer"]).numel())
+        for name, p in task.named_parameters()
+    } | {"losses": task.losses, "meta": any(local(p).is_meta for p in task.parameters())}
+
+
 def _tp2(rank: int, world: int, directory: str) -> dict:
     strategy = TensorParallelStrategy(loss_parallel=True, checkpoint_format="full")
     task, recorder, trainer = _fit(
@@ -67,6 +94,7 @@ def _tp2(rank: int, world: int, directory: str) -> dict:
     out["test"] = trainer.test(task, loader("transformer_lm"), verbose=False)[0]["test_loss"]
     out["predict"] = torch.cat(trainer.predict(task, loader("transformer_lm")))
     out["plan_again"] = strategy.applied_plan.sharded_names
+    out["memory"] = _memory(rank, world)
     # resume from either checkpoint after epoch 1 with a model that starts elsewhere
     for fmt in ("full.ckpt", "sharded"):
         strategy = TensorParallelStrategy(loss_parallel=True, checkpoint_format="full")
@@ -100,6 +128,10 @@ def _dp2_tp2(rank: int, world: int, directory: str) -> dict:
 
 def _one_process(rank: int, world: int, directory: str) -> dict:
     return {fmt: _load_only("transformer_lm", 1, f"{directory}/{fmt}") for fmt in ("full.ckpt", "sharded")}
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _assert_loaded(loaded: dict, saved: dict) -> None:
@@ -136,6 +168,19 @@ def test_tp2_and_dp2_tp2_equal_one_process_and_checkpoints_cross_layouts(tmp_pat
     plain.load_state_dict(saved["state_dict"], strict=True)
     torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9).load_state_dict(saved["optimizer_states"][0])
     assert all(type(v) is torch.Tensor for v in saved["state_dict"].values())
+
+    # a module built in configure_model() is created on meta and materialised sharded: 1/tp per rank
+    memory = tp2["memory"]
+    assert not memory.pop("meta") and len(memory.pop("losses")) == 2
+    for name in (
+        "net.blocks.0.attn.qkv.weight",
+        "net.blocks.0.mlp.fc2.weight",
+        "net.head.1.weight",
+        "net.embed.token.weight",
+    ):
+        full_size, *per_rank = memory[name]
+        assert per_rank == [full_size // 2] * 3, name  # parameter, gradient, momentum
+    assert memory["net.blocks.0.norm1.weight"][1] == memory["net.blocks.0.norm1.weight"][0]  # replicated
 
     dp2 = run_distributed(_dp2_tp2, 4, str(tmp_path), timeout=300)
     assert_matches(
