@@ -35,11 +35,7 @@ class CommDDPStrategy(DDPStrategy):
     """The registered name, for messages."""
 
     def __init__(self, *, timeout: timedelta | float = DEFAULT_TIMEOUT, **ddp_kwargs: Any) -> None:
-        if isinstance(timeout, int | float):
-            timeout = timedelta(seconds=timeout)
-        if timeout.total_seconds() <= 0:
-            raise ValueError(f"`timeout` must be > 0 seconds, got {timeout.total_seconds()!r}.")
-        super().__init__(timeout=timeout, **ddp_kwargs)
+        super().__init__(timeout=as_timeout(timeout), **ddp_kwargs)
 
     @property
     def _module(self) -> L.LightningModule:
@@ -106,17 +102,7 @@ class CommDDPStrategy(DDPStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
-        if not (isinstance(exception, RuntimeError) and _COLLECTIVE_ERROR.search(str(exception))):
-            return
-        if not (dist.is_available() and dist.is_initialized()) or self.world_size < 2:
-            return
-        diagnosis = dead_ranks_message(self.global_rank, self.world_size, grace=DEAD_RANK_GRACE)
-        timeout = self._timeout.total_seconds() if self._timeout is not None else float("nan")
-        note = (
-            f"\n[{self.strategy_name}] a collective failed on rank {self.global_rank}: {diagnosis}. "
-            f"Collective timeout: {timeout:g} s (strategy argument `timeout`)."
-        )
-        exception.args = (f"{exception.args[0] if exception.args else ''}{note}", *exception.args[1:])
+        name_dead_ranks(self, exception)
 
     @classmethod
     @override
@@ -127,6 +113,30 @@ class CommDDPStrategy(DDPStrategy):
         for name, strategy_cls, kwargs, description in STRATEGIES:
             if strategy_cls is cls:
                 strategy_registry.register(name, cls, description=description, override=True, **kwargs)
+
+
+def name_dead_ranks(strategy: Any, exception: BaseException) -> None:
+    """After a failed collective, add to the exception's message which ranks did not answer (and the timeout)."""
+    if not (isinstance(exception, RuntimeError) and _COLLECTIVE_ERROR.search(str(exception))):
+        return
+    if not (dist.is_available() and dist.is_initialized()) or strategy.world_size < 2:
+        return
+    diagnosis = dead_ranks_message(strategy.global_rank, strategy.world_size, grace=DEAD_RANK_GRACE)
+    timeout = strategy._timeout.total_seconds() if strategy._timeout is not None else float("nan")
+    note = (
+        f"\n[{strategy.strategy_name}] a collective failed on rank {strategy.global_rank}: {diagnosis}. "
+        f"Collective timeout: {timeout:g} s (strategy argument `timeout`)."
+    )
+    exception.args = (f"{exception.args[0] if exception.args else ''}{note}", *exception.args[1:])
+
+
+def as_timeout(timeout: timedelta | float) -> timedelta:
+    """Seconds or a ``timedelta``, which must be positive."""
+    if isinstance(timeout, int | float):
+        timeout = timedelta(seconds=timeout)
+    if timeout.total_seconds() <= 0:
+        raise ValueError(f"`timeout` must be > 0 seconds, got {timeout.total_seconds()!r}.")
+    return timeout
 
 
 def module_and_optimizer_state(strategy: Strategy) -> dict[str, Any]:
