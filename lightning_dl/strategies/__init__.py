@@ -5,6 +5,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dl.strategies.async_sgd import AsyncSGDStrategy
 from lightning_dl.strategies.compressed import CompressedDDPStrategy
+from lightning_dl.strategies.deepspeed_cpu import DeepSpeedCPUStrategy
 from lightning_dl.strategies.diloco import DiLoCoStrategy
 from lightning_dl.strategies.hogwild import HogwildStrategy
 from lightning_dl.strategies.local_sgd import LocalSGDStrategy
@@ -14,6 +15,7 @@ from lightning_dl.strategies.tensor_parallel import TensorParallelStrategy
 __all__ = [
     "AsyncSGDStrategy",
     "CompressedDDPStrategy",
+    "DeepSpeedCPUStrategy",
     "DiLoCoStrategy",
     "HogwildStrategy",
     "LocalSGDStrategy",
@@ -27,6 +29,7 @@ for _strategy in (
     LocalSGDStrategy,
     DiLoCoStrategy,
     CompressedDDPStrategy,
+    DeepSpeedCPUStrategy,
     PipelineStrategy,
     TensorParallelStrategy,
 ):
