@@ -41,11 +41,16 @@ class ClassifierModule(StagedModule):
         lr_schedule: an :mod:`lightning_dl.schedules` shape applied per step through a ``LambdaLR``, or None.
         schedule_kwargs: the schedule's parameters, warmup included (``{"warmup_steps": 100}``).
 
+    Under ``strategy="pipeline"`` the layers are the pipeline blocks and ``pipeline_loss`` the cross-entropy;
+    the strategy logs ``train_loss``, ``val_loss`` and ``test_loss`` (accuracy is not computed there).
+
     Example::
 
         >>> module = ClassifierModule(num_features=64, num_classes=10, hidden_sizes=[32], optimizer="lamb")
         >>> module(torch.zeros(2, 64)).shape
         torch.Size([2, 10])
+        >>> len(module.pipeline_blocks())  # flatten, Linear, ReLU, Dropout, Linear
+        5
     """
 
     def __init__(
@@ -95,6 +100,15 @@ class ClassifierModule(StagedModule):
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def pipeline_blocks(self) -> list[nn.Module]:
+        """The network as ordered blocks for ``strategy="pipeline"``: a flatten (the MLP and the ConvNet flatten
+        their input first), then each layer; their composition is ``forward``."""
+        return [nn.Flatten(), *cast(nn.Sequential, self.net)]
+
+    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of a micro-batch (the last stage's logits against its labels)."""
+        return F.cross_entropy(output, target)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from typing_extensions import override
 
 from lightning_dl.data import IGNORE_INDEX
@@ -31,6 +32,8 @@ class LanguageModelModule(StagedModule):
         >>> module = LanguageModelModule(vocab_size=16, block_size=9, d_model=32, n_layers=1, n_heads=2)
         >>> module(torch.zeros(2, 9, dtype=torch.long)).shape
         torch.Size([2, 9, 16])
+        >>> [type(b).__name__ for b in module.pipeline_blocks()]
+        ['Embedding', 'Block', 'Sequential']
     """
 
     def __init__(
@@ -62,6 +65,15 @@ class LanguageModelModule(StagedModule):
     @override
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
+
+    def pipeline_blocks(self) -> list[nn.Module]:
+        """Embedding, each Transformer block, then the head (final norm and vocabulary projection)."""
+        return self.model.pipeline_blocks()
+
+    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy of a micro-batch over its scored positions. The pipeline averages micro-batch
+        losses, which is the batch's loss when every sequence scores as many positions (the sequence tasks here)."""
+        return F.cross_entropy(output.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         inputs, targets = batch

@@ -113,3 +113,16 @@ def test_optimizer_kwargs_reach_the_optimizer() -> None:
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.param_groups[0]["momentum"] == 0.8 and optimizer.param_groups[0]["lr"] == 0.05
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+
+
+@pytest.mark.parametrize(("model", "norm"), [("mlp", "batch"), ("convnet", "batch"), ("mlp", "weight")])
+def test_pipeline_blocks_compose_to_forward(model: str, norm: str) -> None:
+    module = ClassifierModule(model=model, norm=norm, hidden_sizes=[16], dropout=0.0).eval()
+    x, y = torch.randn(4, 64), torch.tensor([0, 1, 2, 3])
+    out = x
+    for block in module.pipeline_blocks():
+        out = block(out)
+    torch.testing.assert_close(out, module(x))
+    torch.testing.assert_close(module.pipeline_loss(out, y), torch.nn.functional.cross_entropy(module(x), y))
+    owned = {id(p) for block in module.pipeline_blocks() for p in block.parameters()}
+    assert owned == {id(p) for p in module.parameters()}  # every parameter sits in one block

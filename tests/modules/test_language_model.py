@@ -50,3 +50,16 @@ def test_learns_to_reverse() -> None:
 def test_rejects_invalid_values(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         LanguageModelModule(**kwargs)
+
+
+def test_pipeline_blocks_compose_to_forward_and_loss_skips_ignored() -> None:
+    module = LanguageModelModule(vocab_size=16, block_size=9, d_model=32, n_layers=2, n_heads=2).eval()
+    idx = torch.randint(0, 16, (3, 9))
+    targets = torch.randint(0, 16, (3, 9))
+    targets[:, :4] = IGNORE_INDEX
+    out = idx
+    for block in module.pipeline_blocks():
+        out = block(out)
+    torch.testing.assert_close(out, module(idx))
+    expected = F.cross_entropy(module(idx)[:, 4:].flatten(0, 1), targets[:, 4:].flatten())
+    torch.testing.assert_close(module.pipeline_loss(out, targets), expected)

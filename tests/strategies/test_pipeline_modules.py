@@ -1,0 +1,102 @@
+"""The suite's modules (ClassifierModule, LanguageModelModule) and a module no one here wrote the blocks of (torch's
+nn.TransformerEncoderLayer) under PipelineStrategy on 2 processes, against one process on the same micro-batches."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dl.data import IGNORE_INDEX
+from lightning_dl.modules import ClassifierModule, LanguageModelModule
+from lightning_dl.strategies.pipeline import PipelineStrategy
+from tests.helpers.distributed import run_distributed
+from tests.helpers.trainer import quiet_trainer
+
+BATCH, M, STEPS = 8, 4, 3
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+class EncoderRegressor(L.LightningModule):
+    """A Linear embedding, two torch ``nn.TransformerEncoderLayer`` blocks and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, 16)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True) for _ in range(2)
+        )
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+    def pipeline_blocks(self) -> list[nn.Module]:
+        return [self.embed, *self.layers, self.head]
+
+    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(output, target)
+
+    def training_step(self, batch, batch_idx):
+        return self.pipeline_loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _case(name: str) -> tuple[L.LightningModule, TensorDataset]:
+    generator = torch.Generator().manual_seed(0)
+    if name == "classifier":
+        torch.manual_seed(0)
+        module = ClassifierModule(hidden_sizes=[32, 32], dropout=0.0, norm="layer", lr_schedule="cosine")
+        return module, TensorDataset(torch.randn(32, 64, generator=generator), torch.randint(0, 10, (32,)))
+    if name == "language_model":
+        torch.manual_seed(0)
+        module = LanguageModelModule(vocab_size=16, block_size=9, d_model=16, n_layers=2, n_heads=2)
+        tokens = torch.randint(0, 16, (32, 9), generator=generator)
+        targets = torch.randint(0, 16, (32, 9), generator=generator)
+        targets[:, :4] = IGNORE_INDEX  # every sequence scores 5 positions
+        return module, TensorDataset(tokens, targets)
+    data = TensorDataset(torch.randn(32, 5, 4, generator=generator), torch.randn(32, 5, 1, generator=generator))
+    return EncoderRegressor(), data
+
+
+CASES = ("classifier", "language_model", "torch_encoder")
+
+
+def _pipelined(rank: int, world_size: int) -> dict:
+    out = {}
+    for name in CASES:
+        module, data = _case(name)
+        trainer = quiet_trainer(
+            devices=2,
+            strategy=PipelineStrategy(schedule="gpipe", n_microbatches=M),
+            use_distributed_sampler=False,
+            max_steps=STEPS,
+            gradient_clip_val=0.5,
+        )
+        trainer.fit(module, DataLoader(data, batch_size=BATCH))
+        out[name] = {k: v.clone() for k, v in module.state_dict().items()}
+    return out
+
+
+@pytest.mark.distributed
+def test_modules_and_a_foreign_model_match_one_process() -> None:
+    results = run_distributed(_pipelined, 2, timeout=300)
+    for name in CASES:
+        module, data = _case(name)
+        quiet_trainer(max_steps=STEPS, accumulate_grad_batches=M, gradient_clip_val=0.5).fit(
+            module, DataLoader(data, batch_size=BATCH // M)
+        )
+        expected = module.state_dict()
+        assert set(results[0][name]) | set(results[1][name]) == set(expected), name
+        for result in results:
+            for key, value in result[name].items():
+                torch.testing.assert_close(value, expected[key], **TOL, msg=f"{name} {key}")
