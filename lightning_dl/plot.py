@@ -125,3 +125,59 @@ def plot_schedule(
     if title:
         ax.set_title(title)
     return _save(fig, png_path)
+
+
+def plot_pipeline_timeline(
+    events: Any,
+    png_path: str | Path,
+    *,
+    n_microbatches: int,
+    step: int | None = None,
+    title: str | None = None,
+) -> tuple[Path, float, float]:
+    """Draw one pipeline step as a Gantt chart (one row per rank; forward, backward and weight-gradient actions
+    coloured, each labelled stage:micro-batch, idle time left blank) and return ``(path, measured bubble, theory)``,
+    the measured idle fraction against ``(p - 1) / (m + p - 1)`` with p the number of ranks.
+
+    ``events`` are :class:`lightning_dl.parallel.pipeline.Event` (``PipelineStrategy(record_timeline=True)``'s
+    ``timeline`` after ``fit``); ``step`` picks the optimizer step drawn (default: the last recorded).
+
+    Example (after a fit with ``record_timeline=True``)::
+
+        path, measured, theory = plot_pipeline_timeline(trainer.strategy.timeline, "timeline.png", n_microbatches=4)
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_dl.parallel.pipeline import bubble_fraction, bubble_theory
+
+    events = list(events)
+    if not events:
+        raise ValueError("`events` is empty: train with `PipelineStrategy(record_timeline=True)` first.")
+    step = max(e.step for e in events) if step is None else step
+    chosen = [e for e in events if e.step == step]
+    if not chosen:
+        raise ValueError(f"`step={step}` has no events; recorded steps: {sorted({e.step for e in events})}.")
+    ranks = sorted({e.rank for e in chosen})
+    origin = min(e.start for e in chosen)
+    measured = bubble_fraction(chosen, ranks)
+    theory = bubble_theory(len(ranks), n_microbatches)
+    colours = {"F": "#4c72b0", "B": "#dd8452", "W": "#55a868"}
+    fig, ax = plt.subplots(figsize=(11, 0.8 + 0.7 * len(ranks)), constrained_layout=True)
+    for event in chosen:
+        row = ranks.index(event.rank)
+        left, width = (event.start - origin) * 1e3, (event.end - event.start) * 1e3
+        ax.barh(row, width, left=left, height=0.8, color=colours.get(event.kind, "grey"), edgecolor="white")
+        ax.text(left + width / 2, row, f"{event.stage}:{event.microbatch}", ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds since the step's first action")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    ax.legend(handles, ["forward", "backward", "weight grad"], loc="upper right", fontsize=8)
+    ax.set_title(
+        f"{title + ': ' if title else ''}bubble {measured:.1%} measured, "
+        f"{theory:.1%} = (p-1)/(m+p-1) with p={len(ranks)}, m={n_microbatches}"
+    )
+    return _save(fig, png_path), measured, theory

@@ -36,7 +36,9 @@ class FullStateLauncher(_MultiProcessingLauncher):
     strategy's ``lightning_module_state_dict()`` (the whole model, gathered from every stage or shard: a collective
     all ranks join) instead of rank 0's local ``state_dict``, which Lightning loads with ``strict=False`` and so
     would silently leave every other stage untrained. ``strategy.check_before_launch(trainer)``, when defined, runs
-    in the calling process first, so bad settings fail before any process starts."""
+    in the calling process first, so bad settings fail before any process starts; ``strategy.collect_results()``
+    (a collective, when defined) returns what rank 0 sends back, given to ``strategy.receive_results(...)`` in the
+    calling process (the pipeline strategy's timeline)."""
 
     def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
         check = getattr(self._strategy, "check_before_launch", None)
@@ -48,6 +50,8 @@ class FullStateLauncher(_MultiProcessingLauncher):
         callback = trainer.checkpoint_callback
         best = getattr(callback, "best_model_path", None) if callback is not None else None
         state = self._strategy.lightning_module_state_dict()  # collective: every rank takes part
+        collect = getattr(self._strategy, "collect_results", None)
+        self._strategy_results = collect() if collect is not None else None  # collective too
         if self._strategy.local_rank != 0:
             return None
         weights_path = None
@@ -55,6 +59,15 @@ class FullStateLauncher(_MultiProcessingLauncher):
             weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
             self._strategy.checkpoint_io.save_checkpoint(state, weights_path)
         return _WorkerOutput(best, weights_path, trainer.state, results, self.get_extra_results(trainer))
+
+    def get_extra_results(self, trainer: L.Trainer) -> dict[str, Any]:
+        return {**super().get_extra_results(trainer), "strategy_results": getattr(self, "_strategy_results", None)}
+
+    def update_main_process_results(self, trainer: L.Trainer, extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        receive = getattr(self._strategy, "receive_results", None)
+        if receive is not None and extra.get("strategy_results") is not None:
+            receive(extra["strategy_results"])
 
     def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: L.Trainer) -> None:
         if worker_output.weights_path is not None:

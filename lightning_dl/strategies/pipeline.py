@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_dl.parallel.layout import ParallelLayout
 from lightning_dl.parallel.pipeline import (
+    Event,
     PipelineEngine,
     TimelineRecorder,
     all_reduce_mean,
@@ -121,6 +122,7 @@ class PipelineStrategy(DDPStrategy):
         self._optimizer_layout: OptimizerLayout | None = None
         self._pending: list[torch.Tensor | None] | None = None
         self._checked_loader = False
+        self._gathered: list[Event] | None = None
 
     @classmethod
     @override
@@ -397,9 +399,25 @@ class PipelineStrategy(DDPStrategy):
             load_optimizer_state(optimizer, self.lightning_module, self._optimizer_layout, state)
 
     @property
-    def timeline(self) -> list:
-        """This rank's recorded events (``record_timeline=True``)."""
+    def timeline(self) -> list[Event]:
+        """Recorded events (``record_timeline=True``): in a process of the run, this rank's; in the calling process
+        after a spawned ``fit``, every rank's."""
+        if self._gathered is not None:
+            return list(self._gathered)
         return list(self.recorder.events) if self.recorder is not None else []
+
+    def gather_timeline(self) -> list[Event]:
+        """Every rank's events on every rank (a collective)."""
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, self.timeline)
+        return sorted((e for part in parts for e in part), key=lambda e: (e.rank, e.start))
+
+    def collect_results(self) -> list[Event] | None:
+        """What the spawn launcher sends back to the calling process: every rank's timeline."""
+        return self.gather_timeline() if self.record_timeline else None
+
+    def receive_results(self, events: list[Event]) -> None:
+        self._gathered = list(events)
 
 
 def _starts(balance: Sequence[int]) -> list[int]:

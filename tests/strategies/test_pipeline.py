@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_dl.callbacks import GradientClipping, LRSchedule
+from lightning_dl.plot import plot_pipeline_timeline
 from lightning_dl.strategies.pipeline import PipelineStrategy
 from tests.helpers.distributed import run_distributed
 from tests.helpers.models import regression_dataset
@@ -163,3 +164,30 @@ def test_trainer_matches_one_process(tmp_path: Path) -> None:
                     torch.testing.assert_close(grad, want[key], **TOL, msg=f"{name} {key}")
             for key, value in ranked["state"].items():  # BatchNorm running statistics included
                 torch.testing.assert_close(value, expected["state"][key], **TOL, msg=f"{name} {key}")
+
+
+@pytest.mark.distributed
+def test_timeline_is_recorded_and_drawn(tmp_path: Path) -> None:
+    events = run_distributed(_timeline, 2, timeout=120)[0]
+    batches = 6  # one epoch of 48 samples in batches of 8, accumulate 2: 3 optimizer steps
+    for rank in (0, 1):
+        mine = [e for e in events if e.rank == rank]
+        assert sorted(e.kind for e in mine) == ["B"] * batches * M + ["F"] * batches * M
+        assert all(e.end >= e.start for e in mine)
+    assert sorted({e.step for e in events}) == [0, 1, 2]
+    path, measured, theory = plot_pipeline_timeline(events, tmp_path / "timeline.png", n_microbatches=M)
+    assert path.stat().st_size > 0 and 0.0 <= measured < 1.0 and theory == pytest.approx(1 / 5)
+    with pytest.raises(ValueError, match=r"`step=9` has no events; recorded steps: \[0, 1, 2\]"):
+        plot_pipeline_timeline(events, tmp_path / "none.png", n_microbatches=M, step=9)
+
+
+def _timeline(rank: int, world_size: int) -> list:
+    trainer = quiet_trainer(
+        devices=2,
+        strategy=PipelineStrategy(n_microbatches=M, record_timeline=True),
+        use_distributed_sampler=False,
+        max_epochs=1,
+        accumulate_grad_batches=2,
+    )
+    trainer.fit(PipeNet(), _loaders(True)[0])
+    return trainer.strategy.gather_timeline()
