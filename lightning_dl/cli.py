@@ -79,6 +79,13 @@ RECIPES: tuple[Recipe, ...] = (
         "a causal Transformer learns to reverse symbol strings",
         quick=("--trainer.max_epochs=1",),
     ),
+    Recipe(
+        "tensor-parallel",
+        "tensor_parallel.py",
+        None,
+        "charlm at tp2 with the automatic plan: the plan table, losses next to one process",
+        quick=("--epochs=1", "--num-train=128"),
+    ),
 )
 
 
