@@ -56,7 +56,7 @@ RECIPES: tuple[Recipe, ...] = (
         "init.py",
         None,
         "activation scale through 10 tanh and ReLU layers under four initialisations",
-        quick=("--depth=10", "--width=64"),  # 10 layers as described, narrower: the checks hold, the run is start-up
+        quick=("--depth=10", "--width=64"),  # the 10 layers described, 64 units wide: start-up dominates
     ),
     Recipe(
         "norms",
