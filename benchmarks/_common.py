@@ -15,7 +15,7 @@ A benchmark script uses it like this (``benchmarks/`` is on ``sys.path`` when a 
     bench.save_figure(fig, "pipeline.png")          # -> <out>/pipeline.png, figure closed
 
 ``--quick`` runs in seconds and its JSON says ``"quick": true``; without ``--out`` a quick run writes under
-``benchmarks/results/quick/`` so that it never overwrites measured figures. The test suite runs every
+``runs/bench_quick/`` (ignored by git), so that it never overwrites measured figures. The test suite runs every
 ``bench_*.py`` with ``--quick --out <tmp>`` and checks that it exits 0 and writes a JSON and a PNG file.
 """
 
@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-"""Where measured figures live (``--out`` default); ``RESULTS / "quick"`` takes quick runs without ``--out``."""
+"""Where measured figures live (``--out`` default)."""
+QUICK_RESULTS = Path(__file__).resolve().parent.parent / "runs" / "bench_quick"
+"""Where a quick run without ``--out`` writes (ignored by git, like every ``runs/`` folder)."""
 
 
 def bench_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -47,7 +49,7 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help=f"folder for the JSON and PNG files (default {RESULTS}; {RESULTS / 'quick'} with --quick)",
+        help=f"folder for the JSON and PNG files (default {RESULTS}; {QUICK_RESULTS} with --quick)",
     )
     return parser
 
@@ -91,7 +93,7 @@ class Bench:
         self.name = name
         self.args = args
         self.quick: bool = bool(args.quick)
-        self.out: Path = args.out if args.out is not None else (RESULTS / "quick" if self.quick else RESULTS)
+        self.out: Path = args.out if args.out is not None else (QUICK_RESULTS if self.quick else RESULTS)
         self.load_start = os.getloadavg()
         self.started = time.perf_counter()
         import matplotlib
