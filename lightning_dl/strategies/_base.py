@@ -29,6 +29,8 @@ class AsyncBase(ParallelStrategy):
         if start_method not in START_METHODS:
             raise ValueError(f"`start_method` must be one of {START_METHODS}, got {start_method!r}.")
         self.start_method = start_method
+        self._num_nodes = 1
+        self.external = False  # True when an outside launcher (torchrun, SLURM) started the processes
         self._final_optimizer_states: list[dict[str, Any]] | None = None  # set on rank 0 while its peers still run
         self._run_state: dict[str, Any] | None = None  # rank 0's state at the end of fit, in the calling process
 
@@ -37,6 +39,20 @@ class AsyncBase(ParallelStrategy):
             raise ValueError(
                 f"`strategy='{name}'` needs `devices` >= {least} ({why}), got devices={self.num_processes}."
             )
+
+    def _launched_externally(self, name: str) -> bool:
+        """Whether the environment already started the processes and gives the ranks (torchrun, SLURM); without
+        one, every process runs on this machine, so more than one node is an error."""
+        environment = self.cluster_environment
+        if environment is not None and environment.creates_processes_externally:
+            environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+            return True
+        if self.num_nodes > 1:
+            raise ValueError(
+                f"`strategy='{name}'` with `num_nodes={self.num_nodes}` needs its processes started on each machine "
+                "by torchrun or a cluster scheduler (SLURM); started by Lightning, they would all run on this one."
+            )
+        return False
 
     def _check_one_optimizer(self, name: str, what: str) -> None:
         module = self._module
@@ -57,7 +73,21 @@ class AsyncBase(ParallelStrategy):
 
     @property
     def num_processes(self) -> int:
+        """Processes on this machine (``devices``)."""
         return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_ranks(self) -> int:
+        """Processes of the run on all machines (``devices × num_nodes``)."""
+        return self.num_processes * self.num_nodes
 
     @property
     @override
@@ -80,8 +110,9 @@ class AsyncBase(ParallelStrategy):
         if self.in_process:
             return
         assert self.cluster_environment is not None
-        self.cluster_environment.set_world_size(self.num_processes)
-        self.cluster_environment.set_global_rank(self.cluster_environment.local_rank())
+        if not self.external:  # the launcher started one process per device here: rank = local rank
+            self.cluster_environment.set_world_size(self.num_processes)
+            self.cluster_environment.set_global_rank(self.cluster_environment.local_rank())
         rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
 
     def run_state(self, trainer: L.Trainer) -> dict[str, Any]:

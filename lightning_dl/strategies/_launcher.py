@@ -78,6 +78,31 @@ class TolerantLauncher(_Launcher):
         self._spawner.kill(signum)
 
 
+class ExternalLauncher(_Launcher):
+    """For processes that an outside launcher started (torchrun, SLURM): this process is one rank of ``fit``;
+    test/validate/predict run here on the parameters it holds (rank 0 holds the whole trained model)."""
+
+    def __init__(self, strategy: AsyncBase) -> None:
+        self._async = strategy
+
+    @property
+    @override
+    def is_interactive_compatible(self) -> bool:
+        return False
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
+        self._async.in_process = trainer is None or trainer.state.fn != TrainerFn.FITTING
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self._async.in_process = True
+
+    @override
+    def kill(self, signum: Any) -> None:
+        pass  # the outside launcher owns the processes
+
+
 class _Spawner(_MultiProcessingLauncher):
     """Lightning's multiprocessing launcher, watching the processes instead of joining them, and handing rank 0's
     training state back with its parameters."""

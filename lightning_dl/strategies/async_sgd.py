@@ -1,10 +1,12 @@
 """Asynchronous SGD with a parameter server (Downpour SGD) as a Lightning strategy: ``Trainer(strategy="async_sgd")``.
 
-Of the processes, ranks ``0 .. num_servers-1`` are parameter servers (``_async_server.py``) and the rest are workers
-(``_async_worker.py``). A worker runs the user's LightningModule (``training_step``, backward) on its own shard of
-the training data and pushes the gradients over RPC; a server applies each push as it arrives with the optimizer
-that the module's ``configure_optimizers`` returned, so one Lightning step on a server is one global update. Rank 0
-is the server that validates, logs and checkpoints; its ``trainer.global_step`` counts global updates.
+Of the processes (``devices × num_nodes``), ranks ``0 .. num_servers-1`` are parameter servers
+(``_async_server.py``) and the rest are workers (``_async_worker.py``). A worker runs the user's LightningModule
+(``training_step``, backward) on its own shard of the training data and pushes the gradients over RPC; a server
+applies each push as it arrives with the optimizer that the module's ``configure_optimizers`` returned, so one
+Lightning step on a server is one global update. Rank 0 is the server that validates, logs and checkpoints; its
+``trainer.global_step`` counts global updates. The strategy starts the processes on one machine, or takes the
+ranks an outside launcher gives (torchrun, SLURM) and then runs across machines.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lightning_dl.parallel.param_server.staleness import POLICIES
 from lightning_dl.strategies._async_server import ServerSide
 from lightning_dl.strategies._async_worker import WorkerSide
 from lightning_dl.strategies._base import AsyncBase, check_int, leave_evaluation_to_rank_zero
-from lightning_dl.strategies._launcher import TolerantLauncher
+from lightning_dl.strategies._launcher import ExternalLauncher, TolerantLauncher
 
 
 class AsyncSGDStrategy(AsyncBase):
@@ -41,7 +43,9 @@ class AsyncSGDStrategy(AsyncBase):
         dc_lambda: λ of ``dc``.
         max_staleness: when set, a worker may be at most this many applied pushes ahead of the slowest live
             worker; a push further ahead waits (stale-synchronous parallel). ``None``: no bound.
-        address: the address the RPC processes listen on. RPC executes pickled calls: use a trusted network only.
+        address: the address this process's RPC agent listens on (the interface that holds it). ``None``: 127.0.0.1
+            when the strategy starts the processes; under torchrun or SLURM, this machine's address on the route to
+            ``MASTER_ADDR``. RPC executes pickled calls: use a trusted network only.
         timeout: seconds any wait may last (an RPC answer, a worker's push seen by the server) before it is an
             error, so a dead server ends the run instead of hanging it.
         start_method: how the processes are started (``spawn``, ``fork`` or ``forkserver``).
@@ -66,7 +70,7 @@ class AsyncSGDStrategy(AsyncBase):
         staleness_policy: str = "none",
         dc_lambda: float = 0.04,
         max_staleness: int | None = None,
-        address: str = "127.0.0.1",
+        address: str | None = None,
         timeout: float = 120.0,
         start_method: str = "spawn",
         accelerator: Any = None,
@@ -94,7 +98,7 @@ class AsyncSGDStrategy(AsyncBase):
             check_int("max_staleness", max_staleness, 0)
         if not timeout > 0:
             raise ValueError(f"`timeout` must be > 0 seconds, got {timeout!r}.")
-        if not isinstance(address, str) or not address:
+        if address is not None and (not isinstance(address, str) or not address):
             raise ValueError(f"`address` must be a host name or IP address to listen on, got {address!r}.")
         self.num_servers = num_servers
         self.fetch_every = fetch_every
@@ -111,7 +115,7 @@ class AsyncSGDStrategy(AsyncBase):
 
     @property
     def num_workers(self) -> int:
-        return self.num_processes - self.num_servers
+        return self.num_ranks - self.num_servers
 
     @property
     def is_server(self) -> bool:
@@ -144,25 +148,40 @@ class AsyncSGDStrategy(AsyncBase):
 
     @override
     def _configure_launcher(self) -> None:
-        devices = self.num_processes
-        self._check_devices("async_sgd", 2, "a parameter server and a worker")
-        if self.num_servers >= devices:
+        self.external = self._launched_externally("async_sgd")
+        ranks = self.num_ranks
+        if ranks < 2:
             raise ValueError(
-                f"`num_servers={self.num_servers}` must be less than `devices={devices}`: the ranks after the servers "
-                "are the workers, and at least one is needed."
+                f"`strategy='async_sgd'` needs `devices` × `num_nodes` >= 2 (a parameter server and a worker), "
+                f"got devices={self.num_processes} and num_nodes={self.num_nodes}."
             )
-        self._launcher = TolerantLauncher(self, self.start_method, essential=self.num_servers, grace=self.timeout)
+        if self.num_servers >= ranks:
+            raise ValueError(
+                f"`num_servers={self.num_servers}` must be less than the {ranks} processes (devices="
+                f"{self.num_processes} × num_nodes={self.num_nodes}): the ranks after the servers are the workers, "
+                "and at least one is needed."
+            )
+        if self.external:
+            self._launcher = ExternalLauncher(self)
+        else:
+            self._launcher = TolerantLauncher(self, self.start_method, essential=self.num_servers, grace=self.timeout)
 
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
         if self.in_process:
             return
-        assert self.cluster_environment is not None
+        environment = self.cluster_environment
+        assert environment is not None
         servers, workers = self._names
         name = servers[self.global_rank] if self.is_server else workers[self.worker_index]
-        store = f"{self.address}:{self.cluster_environment.main_port}"
-        rpc.init(name, self.global_rank, self.num_processes, store=store, address=self.address, timeout=self.timeout)
+        if self.external:  # rendezvous where the launcher said; listen where the other machines reach this one
+            store = f"{environment.main_address}:{environment.main_port}"
+            address = self.address or rpc.address_towards(environment.main_address, environment.main_port)
+        else:
+            address = self.address or "127.0.0.1"
+            store = f"{address}:{environment.main_port}"
+        rpc.init(name, self.global_rank, self.num_ranks, store=store, address=address, timeout=self.timeout)
 
     @override
     def setup(self, trainer: L.Trainer) -> None:

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,34 @@ from torch.utils.data import DataLoader
 
 
 class KillRank(L.Callback):
-    """Kills its own process with SIGKILL (as ``kill -9 <pid>`` would) on ``rank`` after ``after`` batches."""
+    """Kills its own process with SIGKILL (as ``kill -9 <pid>`` would) on ``rank`` after ``after`` batches, first
+    creating the file ``mark`` when given (so that others can wait for the death)."""
 
-    def __init__(self, rank: int, after: int) -> None:
-        self.rank, self.after, self.seen = rank, after, 0
+    def __init__(self, rank: int, after: int, mark: str | None = None) -> None:
+        self.rank, self.after, self.seen, self.mark = rank, after, 0, mark
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_rank != self.rank:
             return
         self.seen += 1
         if self.seen >= self.after:
+            if self.mark is not None:
+                Path(self.mark).touch()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class WaitFor(L.Callback):
+    """On ``ranks``, from their second batch on, waits (at most ``timeout`` s) until the file ``mark`` exists."""
+
+    def __init__(self, mark: str, ranks: tuple[int, ...], timeout: float = 120.0) -> None:
+        self.mark, self.ranks, self.timeout = mark, ranks, timeout
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        deadline = time.monotonic() + self.timeout
+        while trainer.global_rank in self.ranks and idx > 0 and not os.path.exists(self.mark):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.mark} did not appear within {self.timeout} s.")
+            time.sleep(0.05)
 
 
 class ServerAudit(L.Callback):
@@ -40,6 +58,7 @@ class ServerAudit(L.Callback):
         server = getattr(trainer.strategy, "_server", None)
         if trainer.global_rank != 0 or server is None:
             return
+        self.server = server  # its final counts, once the strategy has seen every worker leave, after fit
         trainer.callback_metrics["audit/version"] = torch.tensor(server.version)
         trainer.callback_metrics["audit/applied"] = torch.tensor(sum(w.applied for w in server.workers))
         trainer.callback_metrics["audit/dead"] = torch.tensor(sum(w.dead for w in server.workers))
@@ -103,7 +122,7 @@ def _main() -> None:
     parser = argparse.ArgumentParser(description="Fits for the async tests, run as their own commands.")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-steps", type=int, default=8)
-    parser.add_argument("--kill-rank", type=int, default=None, help="torchrun: kill this rank after 3 batches")
+    parser.add_argument("--kill-rank", type=int, default=None, help="torchrun: kill this rank after its first batch")
     args = parser.parse_args()
     # the classes from their importable module, not from __main__, so spawned processes find them
     import lightning_dl  # noqa: F401
@@ -115,7 +134,11 @@ def _main() -> None:
         logger: Any = CSVLogger(args.out, name="clean")
     else:  # two nodes of torchrun: the server and three workers, one of which dies
         strategy, devices = AsyncSGDStrategy(timeout=30), {"devices": 2, "num_nodes": 2}
-        callbacks, logger = [async_tools.KillRank(args.kill_rank, after=3), async_tools.ServerAudit()], False
+        mark = str(args.out / f"rank{args.kill_rank}.killed")
+        others = tuple(r for r in range(1, 4) if r != args.kill_rank)  # workers wait for the death: it is mid-run
+        callbacks: list[Any] = [async_tools.KillRank(args.kill_rank, 1, mark), async_tools.WaitFor(mark, others)]
+        callbacks.append(async_tools.ServerAudit())
+        logger = False
     trainer = L.Trainer(
         accelerator="cpu",
         strategy=strategy,
@@ -135,7 +158,9 @@ def _main() -> None:
     if args.kill_rank is None:
         trainer.test(model, verbose=False)
     elif trainer.global_rank == 0:
-        audit = {k.removeprefix("audit/"): v.tolist() for k, v in trainer.callback_metrics.items() if "audit" in k}
+        server = callbacks[-1].server
+        audit = {"version": server.version, "dead": [w.dead for w in server.workers]}
+        audit |= {"applied": [w.applied for w in server.workers], "global_step": trainer.global_step}
         audit |= {"world_size": trainer.world_size, "num_workers": strategy.num_workers}
         (args.out / "rank0.json").write_text(json.dumps(audit))
 

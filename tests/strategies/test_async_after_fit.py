@@ -72,8 +72,9 @@ def test_after_fit_the_calling_process_saves_evaluates_and_resumes(strategy, res
     with torch.no_grad():
         outputs = model(fixed_data())
         loss = model.loss(outputs).item()
-    assert_close(trainer.test(model, verbose=False)[0]["test_loss"], loss)
-    assert_close(trainer.validate(model, verbose=False)[0]["val_loss"], loss)
+    # Lightning averages the two float32 batch losses: equal to the whole-set loss up to float32 rounding
+    assert_close(trainer.test(model, verbose=False)[0]["test_loss"], loss, rtol=1e-5, atol=0)
+    assert_close(trainer.validate(model, verbose=False)[0]["val_loss"], loss, rtol=1e-5, atol=0)
     assert_close(torch.cat(trainer.predict(model)), outputs)
     monkeypatch.undo()
 

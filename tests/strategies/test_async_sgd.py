@@ -137,11 +137,37 @@ def test_bad_values_are_refused_naming_the_parameter(kwargs, match):
 
 
 def test_devices_and_num_servers_are_checked_when_the_trainer_is_built():
-    with pytest.raises(ValueError, match=r"needs `devices` >= 2 .* got devices=1"):
+    with pytest.raises(ValueError, match=r"needs `devices` × `num_nodes` >= 2 .* got devices=1 and num_nodes=1"):
         L.Trainer(strategy="async_sgd", accelerator="cpu", devices=1)
-    with pytest.raises(ValueError, match=r"`num_servers=3` must be less than `devices=3`"):
+    with pytest.raises(
+        ValueError, match=r"`num_servers=3` must be less than the 3 processes \(devices=3 × num_nodes=1"
+    ):
         L.Trainer(strategy=AsyncSGDStrategy(num_servers=3), accelerator="cpu", devices=3)
+    with pytest.raises(ValueError, match=r"`strategy='async_sgd'` with `num_nodes=2` needs .* torchrun or"):
+        L.Trainer(strategy="async_sgd", accelerator="cpu", devices=2, num_nodes=2)
     with pytest.raises(ValueError, match=r"`strategy='hogwild'` needs `devices` >= 2"):
         L.Trainer(strategy="hogwild", accelerator="cpu", devices=1)
     with pytest.raises(ValueError, match="`grace` must be > 0"):
         HogwildStrategy(grace=0)
+    with pytest.raises(ValueError, match=r"`strategy='hogwild'` runs on one machine: .* \(num_nodes=2\)"):
+        L.Trainer(strategy="hogwild", accelerator="cpu", devices=2, num_nodes=2)
+
+
+def _torchrun_env(monkeypatch, *, rank: int, node: int) -> None:
+    """The environment torchrun gives rank ``rank`` of 2 nodes × 2 processes (no process is started here)."""
+    env = {"TORCHELASTIC_RUN_ID": "test", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "WORLD_SIZE": "4"}
+    env |= {"RANK": str(rank), "LOCAL_RANK": str(rank % 2), "GROUP_RANK": str(node), "LOCAL_WORLD_SIZE": "2"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_under_torchrun_async_sgd_takes_the_given_ranks_and_hogwild_refuses(monkeypatch):
+    _torchrun_env(monkeypatch, rank=2, node=1)
+    trainer = L.Trainer(strategy="async_sgd", accelerator="cpu", devices=2, num_nodes=2, logger=False)
+    strategy = trainer.strategy
+    assert type(strategy.launcher).__name__ == "ExternalLauncher"  # nothing spawned: the ranks are given
+    assert (strategy.num_ranks, strategy.num_workers, strategy.global_rank) == (4, 3, 2)
+    with pytest.raises(ValueError, match=r"does not match the world size \(4\)"):
+        L.Trainer(strategy="async_sgd", accelerator="cpu", devices=2, num_nodes=1)
+    with pytest.raises(ValueError, match=r"`strategy='hogwild'` runs on one machine: .* TorchElasticEnvironment"):
+        L.Trainer(strategy="hogwild", accelerator="cpu", devices=2, num_nodes=2)
