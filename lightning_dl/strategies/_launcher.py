@@ -1,7 +1,8 @@
 """A process launcher for the asynchronous strategies: it starts the processes like Lightning's multiprocessing
 launcher, but the run survives the death of an expendable process (an async worker), fails fast with the dead
 process's traceback when an essential one dies (a parameter server), and runs test/validate/predict in the calling
-process, on the parameters training left there."""
+process, on the parameters training left there. Under torchrun or SLURM the processes exist already: each runs
+``fit`` as the rank the environment gave it."""
 
 from __future__ import annotations
 

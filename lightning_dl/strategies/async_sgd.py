@@ -164,6 +164,8 @@ class AsyncSGDStrategy(AsyncBase):
         if self.external:
             self._launcher = ExternalLauncher(self)
         else:
+            if self.address is not None:
+                rpc.interface_of(self.address)  # an address this machine does not have fails here, not in a process
             self._launcher = TolerantLauncher(self, self.start_method, essential=self.num_servers, grace=self.timeout)
 
     @override

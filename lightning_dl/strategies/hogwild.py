@@ -85,12 +85,17 @@ class HogwildStrategy(AsyncBase):
     @override
     def _configure_launcher(self) -> None:
         environment = self.cluster_environment
-        if self.num_nodes > 1 or (environment is not None and environment.creates_processes_externally):
-            started = type(environment).__name__ if environment is not None else "the environment"
+        external = environment is not None and environment.creates_processes_externally
+        if self.num_nodes > 1 or external:
+            where = (
+                f"{type(environment).__name__} (torchrun or a cluster scheduler) already started the processes"
+                if external
+                else f"`num_nodes={self.num_nodes}` asks for several machines"
+            )
             raise ValueError(
                 "`strategy='hogwild'` runs on one machine: its processes share the parameters in memory, so it starts "
-                f"them itself. Here {started} already started the processes (num_nodes={self.num_nodes}); run the "
-                "script as one plain process with `devices=N`, or use `strategy='async_sgd'` across machines."
+                f"them itself. Here {where}; run the script as one plain process with `devices=N` and `num_nodes=1`, "
+                "or use `strategy='async_sgd'` across machines."
             )
         self._check_devices("hogwild", 2, "processes sharing the parameters")
         self._count = torch.zeros(1, dtype=torch.int64).share_memory_()

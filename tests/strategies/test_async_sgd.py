@@ -149,8 +149,10 @@ def test_devices_and_num_servers_are_checked_when_the_trainer_is_built():
         L.Trainer(strategy="hogwild", accelerator="cpu", devices=1)
     with pytest.raises(ValueError, match="`grace` must be > 0"):
         HogwildStrategy(grace=0)
-    with pytest.raises(ValueError, match=r"`strategy='hogwild'` runs on one machine: .* \(num_nodes=2\)"):
+    with pytest.raises(ValueError, match=r"`strategy='hogwild'` runs on one machine: .* `num_nodes=2` asks for"):
         L.Trainer(strategy="hogwild", accelerator="cpu", devices=2, num_nodes=2)
+    with pytest.raises(ValueError, match=r"`address='192.0.2.1'` \(192.0.2.1\) is not an address of this machine"):
+        L.Trainer(strategy=AsyncSGDStrategy(address="192.0.2.1"), accelerator="cpu", devices=2)
 
 
 def _torchrun_env(monkeypatch, *, rank: int, node: int) -> None:
@@ -169,5 +171,7 @@ def test_under_torchrun_async_sgd_takes_the_given_ranks_and_hogwild_refuses(monk
     assert (strategy.num_ranks, strategy.num_workers, strategy.global_rank) == (4, 3, 2)
     with pytest.raises(ValueError, match=r"does not match the world size \(4\)"):
         L.Trainer(strategy="async_sgd", accelerator="cpu", devices=2, num_nodes=1)
-    with pytest.raises(ValueError, match=r"`strategy='hogwild'` runs on one machine: .* TorchElasticEnvironment"):
+    with pytest.raises(
+        ValueError, match=r"`strategy='hogwild'` runs on one machine: .* TorchElasticEnvironment \(torch"
+    ):
         L.Trainer(strategy="hogwild", accelerator="cpu", devices=2, num_nodes=2)
