@@ -86,6 +86,13 @@ RECIPES: tuple[Recipe, ...] = (
         "charlm at tp2 with the automatic plan: the plan table, losses next to one process",
         quick=("--epochs=1", "--num-train=128"),
     ),
+    Recipe(
+        "pipeline",
+        "pipeline.py",
+        None,
+        "charlm over 2 pipeline stages: schedule, measured bubble against theory, losses next to one process",
+        quick=("--epochs=1", "--num-train=128"),
+    ),
 )
 
 
