@@ -175,7 +175,7 @@ def plot_pipeline_timeline(
     ax.invert_yaxis()
     ax.set_xlabel("milliseconds since the step's first action")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    ax.legend(handles, ["forward", "backward", "weight grad"], loc="upper right", fontsize=8)
+    ax.legend(handles, ["forward", "backward", "weight grad"], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.set_title(
         f"{title + ': ' if title else ''}bubble {measured:.1%} measured, "
         f"{theory:.1%} = (p-1)/(m+p-1) with p={len(ranks)}, m={n_microbatches}"

@@ -412,12 +412,18 @@ class PipelineStrategy(DDPStrategy):
         dist.all_gather_object(parts, self.timeline)
         return sorted((e for part in parts for e in part), key=lambda e: (e.rank, e.start))
 
-    def collect_results(self) -> list[Event] | None:
-        """What the spawn launcher sends back to the calling process: every rank's timeline."""
-        return self.gather_timeline() if self.record_timeline else None
+    def collect_results(self) -> dict[str, Any]:
+        """What the spawn launcher sends back to the calling process (a collective): every rank's timeline (with
+        ``record_timeline``), the blocks per stage and the predicted stage times of ``balance="time"``."""
+        # plain dicts: Lightning's launcher maps over the results and refuses frozen dataclasses
+        events = [e.as_dict() for e in self.gather_timeline()] if self.record_timeline else None
+        return {"timeline": events, "stage_balance": self.stage_balance, "predicted": self.predicted_stage_seconds}
 
-    def receive_results(self, events: list[Event]) -> None:
-        self._gathered = list(events)
+    def receive_results(self, results: dict[str, Any]) -> None:
+        events = results["timeline"]
+        self._gathered = None if events is None else [Event(**e) for e in events]
+        self.stage_balance = results["stage_balance"]
+        self.predicted_stage_seconds = results["predicted"]
 
 
 def _starts(balance: Sequence[int]) -> list[int]:
