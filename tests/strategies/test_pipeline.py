@@ -89,6 +89,7 @@ CONFIGS = {
         trainer=dict(),
         callbacks=lambda: [GradientClipping(max_norm=0.05, log_norm=False)],
     ),
+    "gpipe_time_balance": dict(strategy=dict(schedule="gpipe", balance="time"), trainer=dict(), callbacks=lambda: []),
     "zbv_batch_norm": dict(
         strategy=dict(schedule="zbv_zero_bubble"), trainer=dict(), callbacks=lambda: [], batch_norm=True
     ),
@@ -131,6 +132,7 @@ def _pipelined(rank: int, world_size: int, tmp: str) -> dict:
     out = {}
     for name, config in CONFIGS.items():
         module = PipeNet(batch_norm=config.get("batch_norm", False))
+        module.example_input_array = torch.zeros(BATCH, 8)  # balance="time" times the blocks on it
         trainer, record = _trainer(config, pipeline=True)
         train, val = _loaders(True)
         trainer.fit(module, train)
@@ -142,6 +144,7 @@ def _pipelined(rank: int, world_size: int, tmp: str) -> dict:
             "last_step_loss": last_step_loss,
             "val": trainer.validate(module, val, verbose=False)[0],  # the forward-only schedule after fit
             "global_step": trainer.global_step,
+            "balance": (trainer.strategy.stage_balance, trainer.strategy.predicted_stage_seconds),
         }
     return out
 
@@ -155,6 +158,9 @@ def test_trainer_matches_one_process(tmp_path: Path) -> None:
         assert not names[0] & names[1] and names[0] | names[1] == set(expected["state"]), name
         for ranked in (r[name] for r in results):
             assert ranked["global_step"] == STEPS
+            balance, predicted = ranked["balance"]
+            assert sum(balance) == 4 and len(balance) == (4 if "interleaved" in name or "zbv" in name else 2)
+            assert (predicted is not None and len(predicted) == 2) == name.endswith("time_balance")
             torch.testing.assert_close(ranked["losses"].float(), expected["losses"], **TOL, msg=name)
             torch.testing.assert_close(ranked["val"]["val_loss"], expected["val"]["val_loss"], **TOL, msg=name)
             torch.testing.assert_close(ranked["last_step_loss"], expected["losses"][-1], **TOL, msg=name)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dl.data import IGNORE_INDEX
 from lightning_dl.modules import ClassifierModule, LanguageModelModule
+from lightning_dl.parallel.pipeline import materialize
 from lightning_dl.strategies.pipeline import PipelineStrategy
 from tests.helpers.distributed import run_distributed
 from tests.helpers.trainer import quiet_trainer
@@ -51,6 +52,35 @@ class EncoderRegressor(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
+class BuiltInConfigureModel(L.LightningModule):
+    """Builds its blocks in ``configure_model()``: under the pipeline on the meta device, each rank materialising
+    only its own blocks (block i from seed i)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net: nn.Sequential | None = None
+        self.built_on_meta = False
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = nn.Sequential(*(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(3)), nn.Linear(6, 1))
+            self.built_on_meta = all(p.is_meta for p in self.net.parameters())
+
+    def pipeline_blocks(self) -> list[nn.Module]:
+        assert self.net is not None
+        return list(self.net)
+
+    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(output, target)
+
+    def training_step(self, batch, batch_idx):
+        assert self.net is not None
+        return self.pipeline_loss(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
 def _case(name: str) -> tuple[L.LightningModule, TensorDataset]:
     generator = torch.Generator().manual_seed(0)
     if name == "classifier":
@@ -64,11 +94,14 @@ def _case(name: str) -> tuple[L.LightningModule, TensorDataset]:
         targets = torch.randint(0, 16, (32, 9), generator=generator)
         targets[:, :4] = IGNORE_INDEX  # every sequence scores 5 positions
         return module, TensorDataset(tokens, targets)
+    if name == "configure_model":
+        data = TensorDataset(torch.randn(32, 6, generator=generator), torch.randn(32, 1, generator=generator))
+        return BuiltInConfigureModel(), data
     data = TensorDataset(torch.randn(32, 5, 4, generator=generator), torch.randn(32, 5, 1, generator=generator))
     return EncoderRegressor(), data
 
 
-CASES = ("classifier", "language_model", "torch_encoder")
+CASES = ("classifier", "language_model", "torch_encoder", "configure_model")
 
 
 def _pipelined(rank: int, world_size: int) -> dict:
@@ -84,6 +117,7 @@ def _pipelined(rank: int, world_size: int) -> dict:
         )
         trainer.fit(module, DataLoader(data, batch_size=BATCH))
         out[name] = {k: v.clone() for k, v in module.state_dict().items()}
+        out[f"{name}_built_on_meta"] = getattr(module, "built_on_meta", None)
     return out
 
 
@@ -92,6 +126,11 @@ def test_modules_and_a_foreign_model_match_one_process() -> None:
     results = run_distributed(_pipelined, 2, timeout=300)
     for name in CASES:
         module, data = _case(name)
+        if name == "configure_model":  # one process, the same blocks: built on meta, then block i from seed i
+            with torch.device("meta"):
+                module.configure_model()
+            materialize(module.pipeline_blocks(), range(4), device=torch.device("cpu"), seed=0)
+            assert all(r["configure_model_built_on_meta"] for r in results)  # never whole on any rank
         quiet_trainer(max_steps=STEPS, accumulate_grad_batches=M, gradient_clip_val=0.5).fit(
             module, DataLoader(data, batch_size=BATCH // M)
         )
