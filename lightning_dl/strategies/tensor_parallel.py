@@ -47,9 +47,9 @@ CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 FULL_CHECKPOINT_LIMIT = 2**30
 """``checkpoint_format="auto"`` writes one full file below this many bytes of parameters (1 GiB: rank 0 holds the
 whole model and its optimizer state in memory while writing), a sharded DCP folder above."""
-PRECISIONS = ("32-true", "64-true", "bf16-mixed")
-"""Precisions that run on CPU under this strategy (``16-mixed`` needs CUDA; ``*-true`` half types do not all-reduce
-on gloo)."""
+PRECISIONS = ("32-true", "bf16-mixed")
+"""Precisions this strategy runs on CPU (tested): Lightning's ModelParallelStrategy already refuses ``64-true``;
+``16-mixed`` needs CUDA; the ``*-true`` half types are refused here."""
 
 
 def _size(name: str, value: Any) -> None:
@@ -144,7 +144,7 @@ class TensorParallelStrategy(ModelParallelStrategy):
         precision = str(getattr(self.precision_plugin, "precision", "32-true"))
         if self.root_device.type == "cpu" and precision not in PRECISIONS:
             raise ValueError(
-                f"`precision={precision!r}` cannot run under TensorParallelStrategy on CPU; valid: {PRECISIONS}."
+                f"`precision={precision!r}` is not supported by TensorParallelStrategy on CPU; valid: {PRECISIONS}."
             )
 
     def check_before_launch(self, trainer: L.Trainer) -> None:

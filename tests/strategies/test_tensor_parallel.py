@@ -56,7 +56,8 @@ def test_sizes_must_multiply_to_the_devices() -> None:
 
 
 def test_precision_that_cannot_run_on_cpu() -> None:
-    with pytest.raises(ValueError, match=r"`precision='16-true'` cannot run under TensorParallelStrategy on CPU"):
+    message = r"`precision='16-true'` is not supported by TensorParallelStrategy on CPU; valid: \('32-true', 'bf16"
+    with pytest.raises(ValueError, match=message):
         quiet_trainer(devices=2, strategy="tensor_parallel", precision="16-true")
 
 

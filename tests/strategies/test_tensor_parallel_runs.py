@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from lightning_dl.callbacks import GradientClipping
 from lightning_dl.strategies._tensor_parallel_glue import optimizer_state_by_ids
@@ -83,6 +84,32 @@ def _memory(rank: int, world: int) -> dict:
     } | {"losses": task.losses, "meta": any(local(p).is_meta for p in task.parameters())}
 
 
+class OwnPlan(Task):
+    """Shards itself in configure_model(): only the MLP pairs; the strategy must leave its attention whole."""
+
+    def configure_model(self) -> None:
+        plan = {
+            f"blocks.{i}.mlp.{n}": s
+            for i in range(2)
+            for n, s in (("fc1", ColwiseParallel()), ("fc2", RowwiseParallel()))
+        }
+        parallelize_module(self.net, self.device_mesh["tp"], plan)
+
+
+def _short_runs(world: int) -> dict:
+    """A module's own plan is kept; bf16-mixed runs."""
+    own = OwnPlan("transformer_lm")
+    quiet_trainer(devices=world, strategy=TensorParallelStrategy(), max_steps=1).fit(own, loader("transformer_lm"))
+    bf16 = Task("transformer_lm")
+    trainer = quiet_trainer(devices=world, strategy=TensorParallelStrategy(), max_steps=2, precision="bf16-mixed")
+    trainer.fit(bf16, loader("transformer_lm"))
+    return {
+        "own_qkv": isinstance(own.net.blocks[0].attn.qkv.weight, DTensor),
+        "own_fc1": isinstance(own.net.blocks[0].mlp.fc1.weight, DTensor),
+        "bf16_losses": bf16.losses,
+    }
+
+
 def _tp2(rank: int, world: int, directory: str) -> dict:
     strategy = TensorParallelStrategy(loss_parallel=True, checkpoint_format="full")
     task, recorder, trainer = _fit(
@@ -95,6 +122,7 @@ def _tp2(rank: int, world: int, directory: str) -> dict:
     out["predict"] = torch.cat(trainer.predict(task, loader("transformer_lm")))
     out["plan_again"] = strategy.applied_plan.sharded_names
     out["memory"] = _memory(rank, world)
+    out |= _short_runs(world)
     # resume from either checkpoint after epoch 1 with a model that starts elsewhere
     for fmt in ("full.ckpt", "sharded"):
         strategy = TensorParallelStrategy(loss_parallel=True, checkpoint_format="full")
@@ -168,6 +196,9 @@ def test_tp2_and_dp2_tp2_equal_one_process_and_checkpoints_cross_layouts(tmp_pat
     plain.load_state_dict(saved["state_dict"], strict=True)
     torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9).load_state_dict(saved["optimizer_states"][0])
     assert all(type(v) is torch.Tensor for v in saved["state_dict"].values())
+
+    assert (tp2["own_qkv"], tp2["own_fc1"]) == (False, True)  # the module's own plan, not the automatic one
+    torch.testing.assert_close(tp2["bf16_losses"][0], tp2["lm"]["losses"][0], rtol=2e-2, atol=0)
 
     # a module built in configure_model() is created on meta and materialised sharded: 1/tp per rank
     memory = tp2["memory"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import loss_parallel
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
 
 from lightning_dl.parallel.tensor import apply_tp
 from tests.helpers.distributed import run_distributed
@@ -59,6 +59,14 @@ def _compare_models(rank: int, world_size: int) -> dict:
             "dtensors": sum(isinstance(p, DTensor) for p in model.parameters()),
             "tied": name != "transformer_lm_tied" or model.head[1].weight is model.embed.token.weight,
         }
+    # a dict plan with torch styles and a callable plan give the same numbers
+    for label, plan in (
+        ("dict", {"0": ColwiseParallel(), "2": "rowwise"}),
+        ("callable", lambda m, mesh: parallelize_module(m, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})),
+    ):
+        model = build("mlp")
+        apply_tp(model, mesh, plan)
+        results[f"mlp_{label}"] = {"tp": _train(model, "mlp", False), "ref": _train(build("mlp"), "mlp", False)}
     return results
 
 
@@ -79,6 +87,10 @@ def test_tp2_equals_one_process_on_library_and_own_models() -> None:
         # the parameters moved: the comparison is not between two untouched models
         initial = dict(build(name).named_parameters())
         assert any(not torch.allclose(initial[k], p) for k, p in result["ref"]["params"].items()), name
+    for label in ("dict", "callable"):
+        result = ranks[0][f"mlp_{label}"]
+        torch.testing.assert_close(result["tp"]["params"], result["ref"]["params"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result["tp"]["losses"], result["ref"]["losses"], rtol=1e-5, atol=1e-6)
     assert "layers.0.self_attn" in ranks[0]["torch_encoder"]["sharded"]
     assert "transformer.decoder.layers.0.multihead_attn" in ranks[0]["lightning_demo"]["sharded"]
     assert {"blocks.0.attn.qkv", "head.1", "embed.token"} <= set(ranks[0]["transformer_lm"]["sharded"])
