@@ -154,7 +154,10 @@ def quantized_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
 
 def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
     """PowerSGD with error feedback and warm start: matrices worth compressing go as ``P`` then ``Q`` (two
-    all-reduces), the others uncompressed with the first. Residual ``M − P̂·Q_localᵀ`` (Vogels et al. 2019)."""
+    all-reduces), the others uncompressed with the first. Residual ``M − P̂·Q_localᵀ`` (Vogels et al. 2019).
+
+    Both all-reduces run inside the hook, in bucket order: issuing the second from a future's callback lets ranks
+    order collectives of different buckets differently, and gloo then hangs (seen with a multi-bucket model)."""
     if not _active(state, bucket):
         return _allreduce_mean(state, bucket)
     world = state.world_size()
@@ -173,36 +176,32 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
             plain.append((grad, corrected))
     first = torch.cat([p.reshape(-1) for p in ps] + [c.reshape(-1) for _, c in plain])
     state.bytes_sent += first.numel() * first.element_size()
-    work = dist.all_reduce(first, group=state.process_group, async_op=True)
-
-    def second(fut: Future) -> torch.Tensor:
-        first.div_(world)
-        offset, p_hats = 0, []
-        for p in ps:
-            p_hats.append(orthogonalize_(first[offset : offset + p.numel()].view_as(p).clone()))
-            offset += p.numel()
-        for grad, _ in plain:
-            grad.copy_(first[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
-        qs = []
-        for (name, grad, m), p_hat in zip(matrices, p_hats, strict=True):
-            q = m.T @ p_hat
-            state.residuals[name] = (m - p_hat @ q.T).view_as(grad)
-            qs.append(q)
-        if qs:
-            flat = torch.cat([q.reshape(-1) for q in qs])
-            state.bytes_sent += flat.numel() * flat.element_size()
-            dist.all_reduce(flat, group=state.process_group)
-            flat.div_(world)
-            offset = 0
-            for (name, grad, _), p_hat, q in zip(matrices, p_hats, qs, strict=True):
-                q_mean = flat[offset : offset + q.numel()].view_as(q)
-                offset += q.numel()
-                state.qs[name] = q_mean.clone()
-                grad.copy_((p_hat @ q_mean.T).view_as(grad))
-        return bucket.buffer()
-
-    return work.get_future().then(second)
+    dist.all_reduce(first, group=state.process_group)
+    first.div_(world)
+    offset, p_hats = 0, []
+    for p in ps:
+        p_hats.append(orthogonalize_(first[offset : offset + p.numel()].view_as(p).clone()))
+        offset += p.numel()
+    for grad, _ in plain:
+        grad.copy_(first[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+    qs = []
+    for (name, grad, m), p_hat in zip(matrices, p_hats, strict=True):
+        q = m.T @ p_hat
+        state.residuals[name] = (m - p_hat @ q.T).view_as(grad)
+        qs.append(q)
+    if qs:
+        flat = torch.cat([q.reshape(-1) for q in qs])
+        state.bytes_sent += flat.numel() * flat.element_size()
+        dist.all_reduce(flat, group=state.process_group)
+        flat.div_(world)
+        offset = 0
+        for (name, grad, _), p_hat, q in zip(matrices, p_hats, qs, strict=True):
+            q_mean = flat[offset : offset + q.numel()].view_as(q)
+            offset += q.numel()
+            state.qs[name] = q_mean.clone()
+            grad.copy_((p_hat @ q_mean.T).view_as(grad))
+    return _done(bucket.buffer())
 
 
 class LocalState:

@@ -26,10 +26,10 @@ def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(4, 8, generator=generator), torch.randn(4, 1, generator=generator)
 
 
-def _trace(compressor: str, start_iter: int, rank: int) -> list[dict]:
+def _trace(compressor: str, start_iter: int, rank: int, bucket_cap_mb: float = 25.0) -> list[dict]:
     net = tiny_net(seed=0)
     state = CompressionState(net, compressor, rank=RANK, start_iter=start_iter)
-    model = DistributedDataParallel(net)
+    model = DistributedDataParallel(net, bucket_cap_mb=bucket_cap_mb)
     model.register_comm_hook(state, hook_for(compressor))
     steps = []
     for step in range(STEPS):
@@ -59,6 +59,8 @@ def _trace(compressor: str, start_iter: int, rank: int) -> list[dict]:
 def _run(rank: int, world_size: int) -> dict:
     out = {c: _trace(c, 0, rank) for c in ("int8", "sign", "powersgd")}
     out["int8_start2"] = _trace("int8", 2, rank)
+    for compressor in ("int8", "powersgd"):  # one bucket per tensor: collectives of several buckets in order
+        out[f"{compressor}_buckets"] = _trace(compressor, 0, rank, bucket_cap_mb=1e-4)
     # local hook: no communication when told so
     net = tiny_net(seed=0)
     model = DistributedDataParallel(net)
@@ -181,3 +183,11 @@ def test_local_hook_and_average(ranks) -> None:
         torch.testing.assert_close(r["averaged"][0], torch.full((3, 2), 1.5))
         torch.testing.assert_close(r["averaged"][1], torch.arange(4.0) * 1.5)
         assert r["average_bytes"] == 10 * 4
+
+
+@pytest.mark.parametrize("compressor", ["int8", "powersgd"])
+def test_several_buckets_give_the_same_result(ranks, compressor) -> None:
+    for r in ranks:
+        for one, many in zip(r[compressor], r[f"{compressor}_buckets"], strict=True):
+            for name, grad in one["output"].items():
+                torch.testing.assert_close(many["output"][name], grad)
