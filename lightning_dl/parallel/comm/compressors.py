@@ -19,6 +19,8 @@ from torch import nn
 
 COMPRESSORS = ("powersgd", "int8", "sign")
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+# row b: the eight signs (+1 for a set bit, -1 otherwise) that byte b stands for; decoding is one lookup
+_SIGN_TABLE = ((torch.arange(256).view(-1, 1) >> torch.arange(8)) & 1).float() * 2 - 1
 
 
 def int8_encode(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +63,8 @@ def sign_encode(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def sign_decode(codes: torch.Tensor, scale: torch.Tensor, numel: int) -> torch.Tensor:
     """``s·sign``: the ``numel`` float32 values that ``sign_encode`` stands for (flat)."""
-    bits = (codes.view(-1, 1) & _BIT_WEIGHTS.to(codes.device)).ne(0).view(-1)[:numel]
-    return (bits.float() * 2 - 1) * scale
+    signs = _SIGN_TABLE.to(codes.device)[codes.long()].view(-1)[:numel]
+    return signs * scale
 
 
 def orthogonalize_(p: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
