@@ -93,6 +93,13 @@ RECIPES: tuple[Recipe, ...] = (
         "charlm over 2 pipeline stages: schedule, measured bubble against theory, losses next to one process",
         quick=("--epochs=1", "--num-train=128"),
     ),
+    Recipe(
+        "comm",
+        "comm.py",
+        None,
+        "digits on 2 processes: time to target and final accuracy, ddp vs local SGD, DiLoCo, compression, ZeRO",
+        quick=("--epochs=1", "--seeds=1", "--strategies=ddp,local_sgd,ddp_int8"),
+    ),
 )
 
 
