@@ -1,0 +1,260 @@
+"""Data-parallel efficiency on 2 CPU ranks (gloo, one thread per rank) of an MLP 1024-2048-2048-10, batch 64 per
+rank: E₂ = S₂ / (2·S₁) (samples/s of 2 ranks over twice those of one process) and bytes handed to collectives per
+step, for raw torch DDP, Lightning's ``ddp``, ``local_sgd`` (H = 4, 16), ``diloco`` (H = 16), ``ddp_powersgd``
+(rank 4), ``ddp_int8``, ``ddp_sign`` and ZeRO-1/2, with two independent processes as the ceiling. Every contender
+runs in the same two processes, one after the other. Prints ratios (ours / DDP) and absolute figures; writes
+data_parallel.json and data_parallel.png.
+
+    python benchmarks/bench_data_parallel.py [--steps 32] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from _common import Bench, bench_parser
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+GOALS = {"local_sgd H=16": 0.75, "diloco H=16": 0.75, "ddp_powersgd r=4": 0.65, "ddp_sign": 0.65}
+# (label, strategy name or class path, keyword arguments); built inside each rank
+CONTENDERS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("ddp", "ddp", {}),
+    ("local_sgd H=4", "local_sgd", {"sync_every": 4}),
+    ("local_sgd H=16", "local_sgd", {"sync_every": 16}),
+    ("diloco H=16", "diloco", {"sync_every": 16}),
+    ("ddp_powersgd r=4", "ddp_powersgd", {"rank": 4}),
+    ("ddp_int8", "ddp_int8", {}),
+    ("ddp_sign", "ddp_sign", {}),
+    ("deepspeed_zero1", "deepspeed_zero1", {}),
+    ("deepspeed_zero2", "deepspeed_zero2", {}),
+)
+_COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "reduce")
+
+
+def mlp(sizes: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp(sizes)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class StepClock(L.Callback):
+    """Wall time at the end of every training batch."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def per_step(ends: list[float], warmup: int) -> float:
+    """Seconds per step over the steps after ``warmup``."""
+    return (ends[-1] - ends[warmup - 1]) / (len(ends) - warmup)
+
+
+def dataset(cfg: dict, ranks: int) -> TensorDataset:
+    n = (cfg["warmup"] + cfg["steps"]) * cfg["batch"] * ranks
+    generator = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, cfg["sizes"][0], generator=generator), torch.randint(0, 10, (n,)))
+
+
+def torch_loop(model: nn.Module, cfg: dict, ranks: int) -> float:
+    """Seconds per step of a plain torch training loop (DDP when ``model`` is wrapped)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = dataset(cfg, 1).tensors
+    ends = []
+    for step in range(cfg["warmup"] + cfg["steps"]):
+        batch = slice(step * cfg["batch"], (step + 1) * cfg["batch"])
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[batch]), y[batch]).backward()
+        optimizer.step()
+        ends.append(time.perf_counter())
+    return per_step(ends, cfg["warmup"])
+
+
+@contextmanager
+def count_collectives():
+    """Count the bytes of the tensors handed to torch.distributed's Python collectives (DeepSpeed calls them)."""
+    counter = {"bytes": 0}
+    originals = {name: getattr(dist, name) for name in _COUNTED}
+
+    def wrap(name: str) -> Any:
+        second = name in ("all_gather", "all_gather_into_tensor", "reduce_scatter_tensor")  # (output, input)
+        keys = ("input_tensor", "input", "tensor") if second else ("tensor",)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            source = args[1 if second else 0] if len(args) > (1 if second else 0) else None
+            source = next((kwargs[k] for k in keys if k in kwargs), source)
+            if isinstance(source, torch.Tensor):
+                counter["bytes"] += source.numel() * source.element_size()
+            return originals[name](*args, **kwargs)
+
+        return counted
+
+    for name in _COUNTED:
+        setattr(dist, name, wrap(name))
+    try:
+        yield counter
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def lightning_fit(strategy: Any, cfg: dict, devices: int) -> tuple[float, L.Trainer]:
+    clock = StepClock()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=cfg["warmup"] + cfg["steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
+    loader = DataLoader(dataset(cfg, devices), batch_size=cfg["batch"], drop_last=True)
+    trainer.fit(Classifier(cfg["sizes"]), loader)
+    return per_step(clock.ends, cfg["warmup"]), trainer
+
+
+def _rank(rank: int, world: int, tmp: str, cfg: dict) -> None:
+    torch.set_num_threads(1)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    os.environ.update(env | {"NODE_RANK": "0", "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)})
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world, timeout=timedelta(seconds=300)
+    )
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    import lightning_dl  # noqa: F401 - registers the strategy names
+
+    numel = sum(p.numel() for p in mlp(cfg["sizes"]).parameters())
+    results: dict[str, dict[str, float]] = {}
+    dist.barrier()
+    results["independent"] = {"step_s": torch_loop(mlp(cfg["sizes"]), cfg, 1), "bytes_per_step": 0.0}
+    dist.barrier()
+    model = nn.parallel.DistributedDataParallel(mlp(cfg["sizes"]))
+    results["torch DDP"] = {"step_s": torch_loop(model, cfg, world), "bytes_per_step": 4.0 * numel}
+    for label, name, kwargs in cfg["contenders"]:
+        dist.barrier()
+        entry = StrategyRegistry[name]  # the registered class and arguments, with this contender's on top
+        strategy = entry["strategy"](**(entry["init_params"] | kwargs))
+        with count_collectives() as counter:
+            seconds, trainer = lightning_fit(strategy, cfg, world)
+        steps = trainer.global_step
+        if hasattr(strategy, "bytes_sent"):
+            sent = strategy.bytes_sent / steps
+        elif name.startswith("deepspeed"):
+            sent = counter["bytes"] / steps
+        else:  # DDP all-reduces every gradient once per step
+            sent = 4.0 * numel
+        results[label] = {"step_s": seconds, "bytes_per_step": sent}
+    torch.save(results, Path(tmp) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--steps", type=int, default=32, help="timed steps per contender (after warm-up)")
+    args = parser.parse_args()
+    if args.steps < 2:
+        parser.error(f"--steps must be >= 2, got {args.steps}")
+    bench = Bench("data_parallel", args)
+    quick = bench.quick
+    cfg = {
+        "sizes": (32, 64, 64, 10) if quick else (1024, 2048, 2048, 10),
+        "batch": 8 if quick else 64,
+        "warmup": 2 if quick else 4,
+        "steps": 4 if quick else args.steps,
+        "contenders": CONTENDERS,
+    }
+    torch.set_num_threads(1)
+    one_torch = torch_loop(mlp(cfg["sizes"]), cfg, 1)
+    one_lightning, _ = lightning_fit("auto", cfg, 1)
+    with tempfile.TemporaryDirectory(prefix="bench_data_parallel_") as tmp:
+        mp.spawn(_rank, args=(2, tmp, cfg), nprocs=2, join=True)
+        ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(2)]
+    rows = {}
+    for label in ranks[0]:
+        step_s = max(r[label]["step_s"] for r in ranks)  # the slower rank sets the pace
+        single = one_torch if label in ("independent", "torch DDP") else one_lightning
+        rows[label] = {
+            "step_ms": 1e3 * step_s,
+            "samples_per_s": 2 * cfg["batch"] / step_s,
+            "efficiency": single / step_s,  # S₂/(2·S₁) = (2b/T₂)/(2·b/T₁) = T₁/T₂, batch b per rank
+            "bytes_per_step": ranks[0][label]["bytes_per_step"],
+        }
+    ddp = rows["ddp"]
+    print(f"\none process: torch {1e3 * one_torch:.1f} ms/step, Lightning {1e3 * one_lightning:.1f} ms/step")
+    print(
+        f"{'contender':<18} {'ms/step':>8} {'samples/s':>10} {'E2':>6} {'MB/step':>8} {'speed/ddp':>9} {'bytes/ddp':>9}"
+    )
+    for label, row in rows.items():
+        goal = GOALS.get(label)
+        verdict = (
+            "" if goal is None or quick else (" goal met" if row["efficiency"] >= goal else f" goal {goal:.0%} missed")
+        )
+        print(
+            f"{label:<18} {row['step_ms']:8.1f} {row['samples_per_s']:10.0f} {row['efficiency']:6.1%} "
+            f"{row['bytes_per_step'] / 1e6:8.3f} {row['samples_per_s'] / ddp['samples_per_s']:9.2f} "
+            f"{row['bytes_per_step'] / ddp['bytes_per_step']:9.3f}{verdict}"
+        )
+    bench.write_json(
+        {
+            "config": {k: v for k, v in cfg.items() if k != "contenders"},
+            "one_process_step_ms": {"torch": 1e3 * one_torch, "lightning": 1e3 * one_lightning},
+            "rows": rows,
+            "goals": GOALS,
+            "definition": "E2 = S2 / (2 S1): samples/s of 2 ranks (batch b each) over twice one process's (batch b)",
+        }
+    )
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+    labels = list(rows)
+    axes[0].barh(labels, [rows[k]["efficiency"] for k in labels], color="tab:blue")
+    for label, goal in GOALS.items():
+        if label in labels:
+            axes[0].plot([goal, goal], [labels.index(label) - 0.4, labels.index(label) + 0.4], color="tab:red")
+    axes[0].set(xlabel="E₂ = S₂ / (2·S₁)  (red: goal)", xlim=(0, 1.1), title="data-parallel efficiency, 2 ranks")
+    axes[0].invert_yaxis()
+    axes[1].barh(labels, [rows[k]["bytes_per_step"] / 1e6 for k in labels], color="tab:orange")
+    axes[1].set(xlabel="MB handed to collectives per step and rank", xscale="symlog", title="communication")
+    axes[1].invert_yaxis()
+    load = os.getloadavg()[0]
+    figure.suptitle(f"MLP {'-'.join(map(str, cfg['sizes']))}, batch {cfg['batch']}/rank, gloo; load {load:.1f}")
+    figure.tight_layout()
+    bench.save_figure(figure, "data_parallel.png")
+
+
+if __name__ == "__main__":
+    main()
