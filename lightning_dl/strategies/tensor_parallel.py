@@ -68,6 +68,8 @@ class TensorParallelStrategy(ModelParallelStrategy):
             LightningModule) to ``"colwise"``, ``"rowwise"``, ``"sequence"``, ``"heads"``, ``"vocab"`` or a torch
             ``ParallelStyle``, or a callable ``(module, tp_mesh) -> None``. A module that shards itself in
             ``configure_model()`` (its parameters are DTensors) is left as it is.
+        sequence_parallel: with ``plan="auto"``, the block list runs split along the sequence between the Linear
+            pairs (Megatron's sequence parallelism; see :mod:`lightning_dl.parallel.tensor.sequence`).
         loss_parallel: the output head keeps its logits split along the vocabulary and ``training_step`` /
             ``backward`` run inside torch's ``loss_parallel()`` (cross-entropy on sharded logits).
         checkpoint_format: ``"full"`` (one file of plain tensors that loads ``strict=True`` into the plain module),
@@ -91,6 +93,7 @@ class TensorParallelStrategy(ModelParallelStrategy):
         tensor_parallel_size: int | str = "auto",
         data_parallel_size: int | str = "auto",
         plan: Plan = "auto",
+        sequence_parallel: bool = False,
         loss_parallel: bool = False,
         checkpoint_format: str = "auto",
         start_method: Literal["spawn", "fork", "forkserver"] = "spawn",
@@ -103,6 +106,11 @@ class TensorParallelStrategy(ModelParallelStrategy):
             raise ValueError(f"`checkpoint_format={checkpoint_format!r}` must be one of {CHECKPOINT_FORMATS}.")
         if isinstance(plan, str) and plan != "auto":
             raise ValueError(f"`plan={plan!r}` must be 'auto', a dict of module name to style, or a callable.")
+        if sequence_parallel and not isinstance(plan, str):
+            raise ValueError(
+                "`sequence_parallel=True` applies to plan='auto'; a hand-written plan splits the sequence with its "
+                "own styles ('sequence', or torch's SequenceParallel and layouts)."
+            )
         super().__init__(
             data_parallel_size=data_parallel_size,  # type: ignore[arg-type]
             tensor_parallel_size=tensor_parallel_size,  # type: ignore[arg-type]
@@ -112,6 +120,7 @@ class TensorParallelStrategy(ModelParallelStrategy):
         )
         self.plan = plan
         self.loss_parallel = loss_parallel
+        self.sequence_parallel = sequence_parallel
         self.checkpoint_format = checkpoint_format
         self.start_method = start_method
         self.applied_plan: TPPlan | None = None
@@ -156,8 +165,8 @@ class TensorParallelStrategy(ModelParallelStrategy):
         layout = self.layout(self.num_processes * self.num_nodes)
         if isinstance(self.plan, Mapping):
             plan_from_dict(module, self.plan, layout.tp)
-        elif self.plan == "auto" and self.loss_parallel:
-            auto_plan(module, layout.tp, loss_parallel=True)
+        elif self.plan == "auto" and (self.loss_parallel or self.sequence_parallel):
+            auto_plan(module, layout.tp, loss_parallel=self.loss_parallel, sequence_parallel=self.sequence_parallel)
 
     @override
     def _configure_launcher(self) -> None:
@@ -204,7 +213,13 @@ class TensorParallelStrategy(ModelParallelStrategy):
         module = self.lightning_module
         assert module is not None
         if self.applied_plan is None:
-            self.applied_plan = apply_tp(module, self.tp_mesh, self.plan, loss_parallel=self.loss_parallel)
+            self.applied_plan = apply_tp(
+                module,
+                self.tp_mesh,
+                self.plan,
+                loss_parallel=self.loss_parallel,
+                sequence_parallel=self.sequence_parallel,
+            )
             if self.global_rank == 0:
                 log.info("tensor-parallel plan (%s):\n%s", self._layout, self.applied_plan.table())
             if self._layout.dp_enabled:

@@ -146,7 +146,9 @@ def _dp2_tp2(rank: int, world: int, directory: str) -> dict:
     strategy = TensorParallelStrategy(tensor_parallel_size=2, data_parallel_size=2)
     task, recorder, _ = _fit("torch_encoder", strategy, world, callbacks=[GradientClipping(max_norm=CLIP)])
     out["encoder"] = _run(task, recorder)
-    strategy = TensorParallelStrategy(tensor_parallel_size=2, data_parallel_size=2, loss_parallel=True)
+    strategy = TensorParallelStrategy(
+        tensor_parallel_size=2, data_parallel_size=2, loss_parallel=True, sequence_parallel=True
+    )
     task, recorder, _ = _fit("transformer_lm", strategy, world, gradient_clip_val=CLIP)
     out["lm"] = _run(task, recorder)
     for fmt in ("full.ckpt", "sharded"):

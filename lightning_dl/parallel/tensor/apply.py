@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import IO, Any, TypeAlias
 
 from torch import nn
@@ -94,7 +95,14 @@ def _ties(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def apply_tp(module: nn.Module, tp_mesh: DeviceMesh, plan: Plan = "auto", *, loss_parallel: bool = False) -> TPPlan:
+def apply_tp(
+    module: nn.Module,
+    tp_mesh: DeviceMesh,
+    plan: Plan = "auto",
+    *,
+    loss_parallel: bool = False,
+    sequence_parallel: bool = False,
+) -> TPPlan:
     """Shard ``module`` in place over the 1-D mesh ``tp_mesh`` and return the plan applied.
 
     ``plan`` is ``"auto"`` (:func:`auto_plan`), a dict of submodule name to ``"colwise"``, ``"rowwise"``,
@@ -118,7 +126,7 @@ def apply_tp(module: nn.Module, tp_mesh: DeviceMesh, plan: Plan = "auto", *, los
         applied = TPPlan(tp, [PlanEntry("", kind_of(module), "replicate", "sharded by the plan callable")])
     else:
         if isinstance(plan, str):
-            plan = auto_plan(module, tp, loss_parallel=loss_parallel)
+            plan = auto_plan(module, tp, loss_parallel=loss_parallel, sequence_parallel=sequence_parallel)
         if isinstance(plan, TPPlan):
             applied, styles = plan, plan.styles(module)
         else:
@@ -130,6 +138,10 @@ def apply_tp(module: nn.Module, tp_mesh: DeviceMesh, plan: Plan = "auto", *, los
             applied = TPPlan(tp, entries, loss_parallel=loss_parallel)
         if styles:
             parallelize_module(module, tp_mesh, styles)
+        for entry in applied.entries:
+            if entry.style in ("sequence_enter", "sequence_region"):
+                # runs before the split: a sequence tp does not divide would be cut unevenly
+                module.get_submodule(entry.name).register_forward_pre_hook(partial(_check_length, tp), prepend=True)
     for group in ties:
         owner, pname = group[0]
         for sub, name in group[1:]:
@@ -138,8 +150,22 @@ def apply_tp(module: nn.Module, tp_mesh: DeviceMesh, plan: Plan = "auto", *, los
     return applied
 
 
+def _check_length(tp: int, module: nn.Module, args: tuple[Any, ...]) -> None:
+    length = args[0].shape[1]
+    if length % tp:
+        raise ValueError(
+            f"sequence parallelism splits the sequence over tp={tp} ranks; a length of {length} does not divide."
+        )
+
+
 def explain_plan(
-    module: nn.Module, tp: int = 2, *, loss_parallel: bool = False, plan: Plan = "auto", file: IO[str] | None = None
+    module: nn.Module,
+    tp: int = 2,
+    *,
+    loss_parallel: bool = False,
+    sequence_parallel: bool = False,
+    plan: Plan = "auto",
+    file: IO[str] | None = None,
 ) -> TPPlan:
     """Print the plan ``apply_tp`` would apply for ``tp`` ranks (module, style, sharded dimension, reason), without
     processes, and return it.
@@ -154,7 +180,7 @@ def explain_plan(
         tp=2: 2 of 2 layers sharded
     """
     if isinstance(plan, str):
-        result = auto_plan(module, tp, loss_parallel=loss_parallel)
+        result = auto_plan(module, tp, loss_parallel=loss_parallel, sequence_parallel=sequence_parallel)
     elif isinstance(plan, TPPlan):
         result = plan
     elif isinstance(plan, Mapping):

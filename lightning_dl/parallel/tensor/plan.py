@@ -7,18 +7,37 @@ from dataclasses import dataclass, field
 
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+)
 
 from lightning_dl.parallel.tensor.attention import HeadParallelAttention
 
-STYLES = ("colwise", "rowwise", "sequence", "heads", "vocab", "vocab_head", "replicate")
+STYLES = (
+    "colwise", "rowwise", "sequence", "heads", "vocab", "vocab_head", "replicate",
+    "colwise_seq", "rowwise_seq", "sequence_region", "sequence_enter", "sequence_exit",
+)  # fmt: skip
 """Style names: ``colwise`` (``Y = XA``, A split along its output features), ``rowwise`` (A split along its input
 features, the partial outputs all-reduced), ``sequence`` (a norm on sequence-sharded activations), ``heads`` (a
 ``nn.MultiheadAttention`` split by heads), ``vocab`` (an embedding split along the vocabulary), ``vocab_head`` (the
-output projection split along the vocabulary, logits left sharded for ``loss_parallel``), ``replicate``."""
+output projection split along the vocabulary, logits left sharded for ``loss_parallel``), ``replicate``; with
+sequence parallelism ``colwise_seq`` (gathers a sequence-sharded input first), ``rowwise_seq`` (reduce-scatters its
+output along the sequence) and ``sequence_region`` (the block list, entered split along the sequence, left whole)."""
 
 SHARDED_DIM = {"colwise": "out (0)", "rowwise": "in (1)", "sequence": "seq (1)", "heads": "heads", "vocab": "vocab (0)"}
-SHARDED_DIM["vocab_head"] = "vocab (0)"
+SHARDED_DIM |= {
+    "vocab_head": "vocab (0)",
+    "colwise_seq": "out (0)",
+    "rowwise_seq": "in (1)",
+    "sequence_region": "seq (1)",
+}
+SHARDED_DIM |= {"sequence_enter": "seq (1)", "sequence_exit": "seq (1)"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,7 @@ class TPPlan:
     tp: int
     entries: list[PlanEntry] = field(default_factory=list)
     loss_parallel: bool = False
+    sequence_parallel: bool = False
 
     def styles(self, model: nn.Module) -> dict[str, ParallelStyle]:
         """The torch ``ParallelStyle`` of every sharded entry of ``model``, keyed by module name."""
@@ -85,7 +105,20 @@ def to_parallel_style(style: str, module: nn.Module | None = None) -> ParallelSt
     if style == "vocab_head":
         return ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
     if style == "sequence":
-        return SequenceParallel()
+        return SequenceParallel(use_local_output=True)  # the residual stream stays plain local sequence shards
+    if style == "colwise_seq":
+        return ColwiseParallel(input_layouts=Shard(1))
+    if style == "rowwise_seq":
+        return RowwiseParallel(output_layouts=Shard(1))
+    if style == "sequence_enter":
+        return PrepareModuleInput(input_layouts=Replicate(), desired_input_layouts=Shard(1), use_local_output=True)
+    if style == "sequence_exit":
+        return PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate())
+    if style == "sequence_region":
+        return PrepareModuleInputOutput(
+            input_layouts=Replicate(), desired_input_layouts=Shard(1), use_local_input=True,
+            output_layouts=Shard(1), desired_output_layouts=Replicate(),
+        )  # fmt: skip
     if style == "heads":
         return HeadParallelAttention()
     raise ValueError(f"style {style!r} has no ParallelStyle; valid: {STYLES[:-1]}.")

@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_dl.parallel.tensor.attention import check_mha
 from lightning_dl.parallel.tensor.plan import PlanEntry, TPPlan, kind_of
+from lightning_dl.parallel.tensor.sequence import plan_sequence_parallel
 from lightning_dl.parallel.tensor.simulate import check_pair
 from lightning_dl.parallel.tensor.trace import Level, classify, describe, is_size_node, module_of, trace_levels
 
@@ -22,11 +23,12 @@ def _linear_calls(level: Level) -> dict[fx.Node, nn.Linear]:
     return {n: m for n in level.graph.nodes if isinstance(m := module_of(level, n), nn.Linear)}
 
 
-def _walk(level: Level, b_node: fx.Node, linears: dict[fx.Node, nn.Linear]) -> tuple[set[fx.Node], set[str], str]:
+def _walk(
+    level: Level, b_node: fx.Node, linears: dict[fx.Node, nn.Linear], visited: set[fx.Node]
+) -> tuple[set[fx.Node], set[str], str]:
     """From the input of Linear ``b_node`` back to the Linears that produce it: (sources, kinds of the operations
-    passed, reason it is not a pair or "")."""
+    passed, reason it is not a pair or ""); ``visited`` receives the nodes passed."""
     sources: set[fx.Node] = set()
-    visited: set[fx.Node] = set()
     kinds: set[str] = set()
     stack: list[tuple[fx.Node, fx.Node | None]] = [(a, None) for a in b_node.all_input_nodes if not is_size_node(a)]
     while stack:
@@ -77,8 +79,9 @@ def _heads_reason(module: nn.Module, tp: int) -> str:
 
 
 class _Planner:
-    def __init__(self, model: nn.Module, tp: int, loss_parallel: bool) -> None:
-        self.model, self.tp, self.loss_parallel = model, tp, loss_parallel
+    def __init__(self, model: nn.Module, tp: int, loss_parallel: bool, sequence_parallel: bool) -> None:
+        self.model, self.tp, self.loss_parallel, self.sequence_parallel = model, tp, loss_parallel, sequence_parallel
+        self.cones: dict[str, set[fx.Node]] = {}
         self.levels = trace_levels(model)
         self.by_name = {level.name: level for level in self.levels}
         self.styles: dict[str, tuple[str, str]] = {}  # name -> (style, reason)
@@ -117,7 +120,8 @@ class _Planner:
             if calls[str(b_node.target)] > 1:
                 failed[b_name] = f"called {calls[str(b_node.target)]} times in one forward"
                 continue
-            sources, kinds, reason = _walk(level, b_node, linears)
+            cone: set[fx.Node] = set()
+            sources, kinds, reason = _walk(level, b_node, linears, cone)
             walk_reason = reason
             if reason.startswith("its input comes through the input"):
                 failed[b_name] = _forward_reason(level, b_node)
@@ -146,6 +150,7 @@ class _Planner:
             self._set(b_name, "rowwise", f"{what} with {', '.join(sorted(a_names))}")
             for name in (*a_names, b_name):
                 self.partners[name] = [*a_names, b_name]
+            self.cones.setdefault(level.name, set()).update(cone | {b_node})
         for name, reason in failed.items():
             if name not in self.styles:
                 self._set(name, "replicate", reason)
@@ -178,8 +183,13 @@ class _Planner:
             elif isinstance(module, nn.Linear) and not self._inside_mha(name):
                 self._set(name, "replicate", self._untraced_reason(name))
         self._keep_ties()
+        if self.sequence_parallel:
+            for name, (style, reason) in plan_sequence_parallel(
+                self.model, self.levels, self.styles, self.cones
+            ).items():
+                self._set(name, style, reason)
         entries = [PlanEntry(n, kind_of(self.model.get_submodule(n)), *self.styles[n]) for n in self._ordered()]
-        return TPPlan(self.tp, entries, loss_parallel=self.loss_parallel)
+        return TPPlan(self.tp, entries, loss_parallel=self.loss_parallel, sequence_parallel=self.sequence_parallel)
 
     def _ordered(self) -> list[str]:
         rank = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
@@ -225,8 +235,9 @@ class _Planner:
                                 changed = True
 
 
-def auto_plan(model: nn.Module, tp: int, *, loss_parallel: bool = False) -> TPPlan:
-    """Find the tensor-parallel plan of ``model`` for ``tp`` ranks, without processes.
+def auto_plan(model: nn.Module, tp: int, *, loss_parallel: bool = False, sequence_parallel: bool = False) -> TPPlan:
+    """Find the tensor-parallel plan of ``model`` for ``tp`` ranks, without processes. With ``sequence_parallel``
+    the block list also runs split along the sequence between the pairs (:func:`plan_sequence_parallel`).
 
     Example::
 
@@ -239,4 +250,4 @@ def auto_plan(model: nn.Module, tp: int, *, loss_parallel: bool = False) -> TPPl
     """
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"`tp={tp!r}` must be a positive integer (the tensor-parallel degree).")
-    return _Planner(model, tp, loss_parallel).plan()
+    return _Planner(model, tp, loss_parallel, sequence_parallel).plan()

@@ -59,6 +59,18 @@ def _compare_models(rank: int, world_size: int) -> dict:
             "dtensors": sum(isinstance(p, DTensor) for p in model.parameters()),
             "tied": name != "transformer_lm_tied" or model.head[1].weight is model.embed.token.weight,
         }
+    # sequence parallelism between the pairs (with loss parallel) gives the same numbers too
+    model = build("transformer_lm")
+    plan = apply_tp(model, mesh, loss_parallel=True, sequence_parallel=True)
+    results["transformer_lm_sp"] = {
+        "tp": _train(model, "transformer_lm", True),
+        "ref": _train(build("transformer_lm"), "transformer_lm", False),
+        "styles": {e.name: e.style for e in plan.entries},
+    }
+    try:
+        model(torch.zeros(2, 7, dtype=torch.long))
+    except ValueError as err:
+        results["transformer_lm_sp"]["odd_length"] = str(err)
     # a dict plan with torch styles and a callable plan give the same numbers
     for label, plan in (
         ("dict", {"0": ColwiseParallel(), "2": "rowwise"}),
@@ -87,8 +99,16 @@ def test_tp2_equals_one_process_on_library_and_own_models() -> None:
         # the parameters moved: the comparison is not between two untouched models
         initial = dict(build(name).named_parameters())
         assert any(not torch.allclose(initial[k], p) for k, p in result["ref"]["params"].items()), name
-    for label in ("dict", "callable"):
-        result = ranks[0][f"mlp_{label}"]
+    sp = ranks[0]["transformer_lm_sp"]
+    assert (
+        sp["odd_length"] == "sequence parallelism splits the sequence over tp=2 ranks; a length of 7 does not divide."
+    )
+    assert (sp["styles"]["blocks.0.norm1"], sp["styles"]["blocks.1.mlp.fc2"]) == ("sequence", "rowwise_seq")
+    for step in range(STEPS):
+        for key, grad in sp["ref"]["grads"][step].items():
+            torch.testing.assert_close(sp["tp"]["grads"][step][key], grad, rtol=1e-5, atol=1e-6, msg=key)
+    for label in ("dict", "callable", "sp"):
+        result = ranks[0][f"mlp_{label}" if label != "sp" else "transformer_lm_sp"]
         torch.testing.assert_close(result["tp"]["params"], result["ref"]["params"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(result["tp"]["losses"], result["ref"]["losses"], rtol=1e-5, atol=1e-6)
     assert "layers.0.self_attn" in ranks[0]["torch_encoder"]["sharded"]

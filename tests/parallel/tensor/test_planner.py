@@ -139,3 +139,26 @@ def test_dict_plan_errors(plan: dict, match: str) -> None:
 def test_auto_plan_rejects_a_bad_degree() -> None:
     with pytest.raises(ValueError, match=r"`tp=0` must be a positive integer"):
         auto_plan(MLP(8, [16], 4), tp=0)
+
+
+def test_sequence_parallel_splits_the_blocks_between_the_pairs() -> None:
+    styles = _styles(TransformerLM(16, 8, 32, 2, 4), sequence_parallel=True)
+    assert (styles["blocks.0"], styles["blocks.1"]) == ("sequence_enter", "sequence_exit")
+    assert (styles["blocks.0.norm2"], styles["blocks.0.mlp.fc1"], styles["blocks.0.mlp.fc2"]) == (
+        "sequence",
+        "colwise_seq",
+        "rowwise_seq",
+    )
+    assert "head.0" not in styles  # the final norm is outside the blocks: it sees the whole sequence
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("torch_encoder", r"cannot split the blocks of layers: layers.0.self_attn is a MultiheadAttention"),
+        ("mlp", r"`sequence_parallel=True` needs a list of blocks .* each holding a Linear pair"),
+    ],
+)
+def test_sequence_parallel_refused_where_it_would_not_be_exact(name: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        auto_plan(build(name), tp=2, sequence_parallel=True)
