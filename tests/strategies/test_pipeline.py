@@ -89,9 +89,24 @@ CONFIGS = {
         trainer=dict(),
         callbacks=lambda: [GradientClipping(max_norm=0.05, log_norm=False)],
     ),
+    "looped_bfs_accumulate_gradient_clipping": dict(
+        strategy=dict(schedule="looped_bfs"),
+        trainer=dict(accumulate_grad_batches=2),
+        callbacks=lambda: [GradientClipping(max_norm=0.05, log_norm=False)],
+    ),
+    "interleaved_zero_bubble_clip_val_lr": dict(
+        strategy=dict(schedule="interleaved_zero_bubble"),
+        trainer=dict(gradient_clip_val=0.05),
+        callbacks=lambda: [LRSchedule("linear", warmup_steps=2, log=False)],
+    ),
+    "dualpipev_accumulate": dict(
+        strategy=dict(schedule="dualpipev"), trainer=dict(accumulate_grad_batches=2), callbacks=lambda: []
+    ),
     "gpipe_time_balance": dict(strategy=dict(schedule="gpipe", balance="time"), trainer=dict(), callbacks=lambda: []),
+    # micro-batches of 4: BatchNorm over 2 samples amplifies float32 rounding beyond the tolerance (exactness in
+    # float64 is tested for every schedule in tests/parallel/pipeline/test_engine.py)
     "zbv_batch_norm": dict(
-        strategy=dict(schedule="zbv_zero_bubble"), trainer=dict(), callbacks=lambda: [], batch_norm=True
+        strategy=dict(schedule="zbv_zero_bubble"), trainer=dict(), callbacks=lambda: [], batch_norm=True, m=2
     ),
 }
 STEPS = 4
@@ -101,17 +116,17 @@ def _trainer(config: dict, *, pipeline: bool, devices: int = 2, **extra) -> tupl
     record = Record()
     kwargs = dict(config["trainer"])
     if pipeline:
-        kwargs["strategy"] = PipelineStrategy(n_microbatches=M, **config["strategy"], **extra.pop("strategy", {}))
+        kwargs["strategy"] = PipelineStrategy(n_microbatches=config.get("m", M), **config["strategy"])
         kwargs["devices"] = devices
         kwargs["use_distributed_sampler"] = False
     else:
-        kwargs["accumulate_grad_batches"] = kwargs.get("accumulate_grad_batches", 1) * M
+        kwargs["accumulate_grad_batches"] = kwargs.get("accumulate_grad_batches", 1) * config.get("m", M)
     trainer = quiet_trainer(max_steps=STEPS, callbacks=[*config["callbacks"](), record], **kwargs, **extra)
     return trainer, record
 
 
-def _loaders(pipeline: bool) -> tuple[DataLoader, DataLoader]:
-    size = BATCH if pipeline else BATCH // M
+def _loaders(pipeline: bool, m: int = M) -> tuple[DataLoader, DataLoader]:
+    size = BATCH if pipeline else BATCH // m
     data = regression_dataset(num_samples=48, num_features=8)
     val = regression_dataset(num_samples=14, num_features=8, seed=1)  # a ragged last batch of 6: 3 micro-batches
     return DataLoader(data, batch_size=size, drop_last=True), DataLoader(val, batch_size=BATCH)
@@ -120,11 +135,12 @@ def _loaders(pipeline: bool) -> tuple[DataLoader, DataLoader]:
 def _reference(config: dict) -> dict:
     module = PipeNet(batch_norm=config.get("batch_norm", False))
     trainer, record = _trainer(config, pipeline=False)
-    train, val = _loaders(False)
+    train, val = _loaders(False, config.get("m", M))
     trainer.fit(module, train)
     metrics = trainer.validate(module, val, verbose=False)[0]
     # Lightning hands on_train_batch_end the loss divided by accumulate_grad_batches; one pipeline batch = M batches
-    losses = torch.stack(record.losses).view(-1, M).mean(dim=1) * trainer.accumulate_grad_batches
+    m = config.get("m", M)
+    losses = torch.stack(record.losses).view(-1, m).mean(dim=1) * trainer.accumulate_grad_batches
     return {"losses": losses, "grads": record.grads, "state": module.state_dict(), "val": metrics}
 
 
@@ -159,7 +175,7 @@ def test_trainer_matches_one_process(tmp_path: Path) -> None:
         for ranked in (r[name] for r in results):
             assert ranked["global_step"] == STEPS
             balance, predicted = ranked["balance"]
-            assert sum(balance) == 4 and len(balance) == (4 if "interleaved" in name or "zbv" in name else 2)
+            assert sum(balance) == 4 and len(balance) == (2 if name.startswith(("1f1b", "gpipe")) else 4)
             assert (predicted is not None and len(predicted) == 2) == name.endswith("time_balance")
             torch.testing.assert_close(ranked["losses"].float(), expected["losses"], **TOL, msg=name)
             torch.testing.assert_close(ranked["val"]["val_loss"], expected["val"]["val_loss"], **TOL, msg=name)
