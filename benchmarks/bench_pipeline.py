@@ -99,40 +99,35 @@ def _one_process(cfg: dict) -> dict:
     return {"step_s": statistics.median(times[cfg["warmup"] :]), "param_bytes": params, "peak_rss_mib": peak_rss_mib()}
 
 
-def _raw(rank: int, cfg: dict) -> dict:
+def _raw(rank: int, cfg: dict, name: str) -> float:
     """torch.distributed.pipelining as its documentation uses it: stages of equal blocks, dynamic shapes."""
-    out = {}
-    for name in cfg["schedules"]:
-        spec = SCHEDULES[name]
-        blocks = make_blocks(cfg["dim"], cfg["blocks"])
-        per_rank = spec.default_stages_per_rank
-        n_stages = WORLD * per_rank
-        size = cfg["blocks"] // n_stages
-        if spec.placement == "v":
-            ids = sorted({rank, 2 * WORLD - 1 - rank})
-        else:
-            ids = [rank + k * WORLD for k in range(per_rank)]
-        stages = [
-            PipelineStage(nn.Sequential(*blocks[s * size : (s + 1) * size]), s, n_stages, torch.device("cpu"))
-            for s in ids
-        ]
-        schedule = spec.cls(stages if spec.multi else stages[0], cfg["m"], loss_fn=F.mse_loss)
-        params = [p for stage in stages for p in stage.submod.parameters()]
-        optimizer = torch.optim.SGD(params, lr=1e-3)
-        times = []
-        for x, y in make_batches(cfg):
-            dist.barrier()
-            start = time.perf_counter()
-            schedule.step(*((x,) if 0 in ids else ()), target=y if n_stages - 1 in ids else None)
-            optimizer.step()
-            optimizer.zero_grad()
-            times.append(time.perf_counter() - start)
-        out[name] = statistics.median(times[cfg["warmup"] :])
-    return out
+    spec = SCHEDULES[name]
+    blocks = make_blocks(cfg["dim"], cfg["blocks"])
+    per_rank = spec.default_stages_per_rank
+    n_stages = WORLD * per_rank
+    size = cfg["blocks"] // n_stages
+    loop = [rank + k * WORLD for k in range(per_rank)]
+    ids = sorted({rank, 2 * WORLD - 1 - rank}) if spec.placement == "v" else loop
+    stages = [
+        PipelineStage(nn.Sequential(*blocks[s * size : (s + 1) * size]), s, n_stages, torch.device("cpu")) for s in ids
+    ]
+    schedule = spec.cls(stages if spec.multi else stages[0], cfg["m"], loss_fn=F.mse_loss)
+    params = [p for stage in stages for p in stage.submod.parameters()]
+    optimizer = torch.optim.SGD(params, lr=1e-3)
+    times = []
+    for x, y in make_batches(cfg):
+        dist.barrier()
+        start = time.perf_counter()
+        schedule.step(*((x,) if 0 in ids else ()), target=y if n_stages - 1 in ids else None)
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[cfg["warmup"] :])
 
 
-def _ours(rank: int, cfg: dict) -> dict:
-    out: dict[str, Any] = {"step_s": {}, "bubble": {}}
+def _both(rank: int, cfg: dict) -> dict:
+    """Per schedule, raw torch then ours in the same processes, so both meet the same machine load."""
+    out: dict[str, Any] = {"raw_step_s": {}, "step_s": {}, "bubble": {}}
     for name in ("1f1b", *(s for s in cfg["schedules"] if s != "1f1b")):  # 1f1b first: its memory is reported
         timer = StepTimer()
         module = BenchNet(cfg["dim"], cfg["blocks"])
@@ -149,17 +144,19 @@ def _ours(rank: int, cfg: dict) -> dict:
             use_distributed_sampler=False,
         )
         trainer.fit(module, DataLoader(make_batches(cfg), batch_size=None))
+        if name == "1f1b":
+            out["param_bytes"] = sum(p.numel() * p.element_size() for p in module.parameters())
+            out["peak_rss_mib"] = peak_rss_mib()
+        out["raw_step_s"][name] = _raw(rank, cfg, name)
         out["step_s"][name] = statistics.median(timer.times[cfg["warmup"] :])
         events = [e for e in trainer.strategy.gather_timeline() if e.step >= cfg["warmup"]]  # type: ignore[attr-defined]
         out["bubble"][name] = bubble_fraction(events)
         if name == "1f1b":
-            out["param_bytes"] = sum(p.numel() * p.element_size() for p in module.parameters())
-            out["peak_rss_mib"] = peak_rss_mib()
             out["timeline"] = events
     return out
 
 
-def _worker(rank: int, fn_name: str, cfg: dict, tmp: str) -> None:
+def _worker(rank: int, cfg: dict, tmp: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": str(rank), "LOCAL_RANK": str(rank),
@@ -169,15 +166,15 @@ def _worker(rank: int, fn_name: str, cfg: dict, tmp: str) -> None:
         "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD, timeout=timedelta(seconds=600)
     )
     try:
-        result = {"raw": _raw, "ours": _ours}[fn_name](rank, cfg)
+        result = _both(rank, cfg)
         torch.save(result, Path(tmp) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def run(fn_name: str, cfg: dict) -> list[dict]:
+def run(cfg: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(fn_name, cfg, tmp), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(cfg, tmp), nprocs=WORLD, join=True)
         return [torch.load(Path(tmp) / f"{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -198,9 +195,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # its own process, for its own peak RSS
         mp.spawn(_one_process_worker, args=(cfg, tmp), nprocs=1, join=True)
         single = torch.load(Path(tmp) / "single.pt", weights_only=False)
-    raw = run("raw", cfg)[0]
-    ours_ranks = run("ours", cfg)
+    ours_ranks = run(cfg)
     ours = ours_ranks[0]
+    raw = ours["raw_step_s"]
     bound = 2 * cfg["m"] / (cfg["m"] + 1)
     rows = {}
     print(f"one process: {single['step_s'] * 1e3:.1f} ms/step; bubble bound on 2 stages: {bound:.2f}x")
