@@ -41,8 +41,8 @@ class ClassifierModule(StagedModule):
         lr_schedule: an :mod:`lightning_dl.schedules` shape applied per step through a ``LambdaLR``, or None.
         schedule_kwargs: the schedule's parameters, warmup included (``{"warmup_steps": 100}``).
 
-    Under ``strategy="pipeline"`` the layers are the pipeline blocks and ``pipeline_loss`` the cross-entropy;
-    the strategy logs ``train_loss``, ``val_loss`` and ``test_loss`` (accuracy is not computed there).
+    Under ``strategy="pipeline"`` the layers are the pipeline blocks, ``pipeline_loss`` the cross-entropy and
+    ``pipeline_metrics`` the accuracy; the strategy logs the same names.
 
     Example::
 
@@ -109,6 +109,10 @@ class ClassifierModule(StagedModule):
     def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The mean cross-entropy of a micro-batch (the last stage's logits against its labels)."""
         return F.cross_entropy(output, target)
+
+    def pipeline_metrics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Accuracy of a micro-batch, logged by the pipeline strategy as ``train_acc``/``val_acc``/``test_acc``."""
+        return {"acc": (output.argmax(dim=-1) == target).float().mean()}
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch

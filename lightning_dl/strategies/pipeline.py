@@ -239,6 +239,7 @@ class PipelineStrategy(DDPStrategy):
             group=mesh["pp"].get_group(),
             device=self.root_device,
             recorder=self.recorder,
+            metrics_fn=getattr(module, "pipeline_metrics", None),
         )
         log.info("rank %d holds stages %s (blocks per stage %s)", self.global_rank, local, balance)
 
@@ -318,7 +319,23 @@ class PipelineStrategy(DDPStrategy):
         module.log(
             "train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(inputs), sync_dist=True
         )
+        self._log_metrics("train", len(inputs))
         return loss
+
+    def _log_metrics(self, stage: str, batch_size: int) -> None:
+        """The module's ``pipeline_metrics`` of this batch, as ``<stage>_<name>`` (epoch means weighted by batch)."""
+        module, engine = self.lightning_module, self.engine
+        assert module is not None and engine is not None
+        for key, value in engine.last_metrics.items():
+            module.log(
+                f"{stage}_{key}",
+                value.float(),
+                on_step=stage == "train",
+                on_epoch=True,
+                prog_bar=stage != "train",
+                batch_size=batch_size,
+                sync_dist=True,
+            )
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Any:
@@ -352,6 +369,7 @@ class PipelineStrategy(DDPStrategy):
         inputs, target = _unpack(batch)
         loss = self._mean_over_replicas(engine.eval_step(inputs, target))
         module.log(name, loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(inputs), sync_dist=True)
+        self._log_metrics(name.removesuffix("_loss"), len(inputs))
         return loss
 
     @override

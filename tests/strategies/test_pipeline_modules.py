@@ -118,6 +118,8 @@ def _pipelined(rank: int, world_size: int) -> dict:
         trainer.fit(module, DataLoader(data, batch_size=BATCH))
         out[name] = {k: v.clone() for k, v in module.state_dict().items()}
         out[f"{name}_built_on_meta"] = getattr(module, "built_on_meta", None)
+        if name == "classifier":  # val_loss and val_acc (pipeline_metrics) from the forward-only schedule
+            out["classifier_val"] = trainer.validate(module, DataLoader(data, batch_size=BATCH), verbose=False)[0]
     return out
 
 
@@ -135,6 +137,11 @@ def test_modules_and_a_foreign_model_match_one_process() -> None:
             module, DataLoader(data, batch_size=BATCH // M)
         )
         expected = module.state_dict()
+        if name == "classifier":  # the module's own torchmetrics accuracy in one process
+            metrics = quiet_trainer().validate(module, DataLoader(data, batch_size=BATCH), verbose=False)[0]
+            for result in results:
+                for key in ("val_loss", "val_acc"):
+                    torch.testing.assert_close(result["classifier_val"][key], metrics[key], **TOL, msg=key)
         assert set(results[0][name]) | set(results[1][name]) == set(expected), name
         for result in results:
             for key, value in result[name].items():

@@ -4,6 +4,7 @@ a training step, a forward-only step, and gradient averaging over a data-paralle
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from lightning_dl.parallel.pipeline.split import StageModule, stage_shapes
 from lightning_dl.parallel.pipeline.timeline import TimelineRecorder
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MetricsFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def eval_microbatches(batch_size: int, n_microbatches: int) -> int:
@@ -42,7 +44,8 @@ class PipelineEngine:
 
     ``blocks`` are the whole model's blocks: those this rank owns real, the others may be on the meta device (they
     give shapes only). Each stage gets static input/output shapes (from a meta forward), so no shape inference
-    runs on real tensors.
+    runs on real tensors. ``metrics_fn(output, target)``, when given, is evaluated on each micro-batch at the last
+    stage; :attr:`last_metrics` holds the step's micro-batch means on every rank.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class PipelineEngine:
         group: dist.ProcessGroup | None = None,
         device: torch.device | None = None,
         recorder: TimelineRecorder | None = None,
+        metrics_fn: MetricsFn | None = None,
     ) -> None:
         self.spec = get_spec(schedule)
         self.schedule_name = schedule
@@ -83,6 +87,10 @@ class PipelineEngine:
         self._cache: dict[tuple, tuple[list[PipelineStage], object]] = {}
         self._losses: list[torch.Tensor] = []
         self._scale = 1.0
+        self.metrics_fn = metrics_fn
+        self._metrics: list[dict[str, torch.Tensor]] = []
+        self.last_metrics: dict[str, torch.Tensor] = {}
+        """``metrics_fn``'s values of the last step, averaged over its micro-batches, on every rank."""
         self.last_rank = stage_owner(schedule, self.num_stages - 1, self.pp)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -99,7 +107,13 @@ class PipelineEngine:
     def _scaled_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.loss_fn(output, target)
         self._losses.append(loss.detach())
+        self._record_metrics(output, target)
         return loss * self._scale
+
+    def _record_metrics(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        if self.metrics_fn is not None:
+            with torch.no_grad():
+                self._metrics.append({k: v.detach().double() for k, v in self.metrics_fn(output, target).items()})
 
     def _schedule(self, inputs: torch.Tensor, m: int, train: bool) -> object:
         example = self._micro_example(inputs, m)
@@ -132,6 +146,15 @@ class PipelineEngine:
         self._losses = []
         if self.pp > 1:
             dist.broadcast(loss, group_src=self.last_rank, group=self.group)
+        if self.metrics_fn is not None:
+            metrics = (
+                {k: torch.stack([m[k] for m in self._metrics]).mean() for k in self._metrics[0]} if holds_last else {}
+            )
+            box: list[Any] = [metrics]
+            if self.pp > 1:
+                dist.broadcast_object_list(box, group_src=self.last_rank, group=self.group)
+            self.last_metrics = box[0]
+            self._metrics = []
         return loss
 
     def train_step(self, inputs: torch.Tensor, target: torch.Tensor, *, loss_scale: float = 1.0) -> torch.Tensor:
@@ -179,6 +202,7 @@ class PipelineEngine:
             x = self.modules[s](x)
             if s == self.num_stages - 1:
                 self._losses.append(self.loss_fn(x, target).detach())
+                self._record_metrics(x, target)
             elif stage_owner(self.schedule_name, s + 1, self.pp) != self.rank:
                 dist.send(x.contiguous(), group_dst=stage_owner(self.schedule_name, s + 1, self.pp), group=self.group)
 
