@@ -72,7 +72,7 @@ def fit_once(strategy: str, seed: int, args: argparse.Namespace) -> dict:
         num_sanity_val_steps=0,
         callbacks=[clock],
     )
-    module = ClassifierModule(hidden_sizes=[256, 256], dropout=0.0, optimizer="momentum", lr=args.lr)
+    module = ClassifierModule(hidden_sizes=args.hidden, dropout=0.0, optimizer="momentum", lr=args.lr)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=args.batch_size, seed=0))
     hit = next((seconds for seconds, acc in clock.curve if acc >= args.target), float("nan"))
     return {"seed": seed, "curve": clock.curve, "seconds_to_target": hit, "train_seconds": clock.train_seconds}
@@ -108,10 +108,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="runs per strategy, averaged (seeds 0..n-1)")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
+    parser.add_argument(
+        "--hidden",
+        default="1024,1024",
+        help="MLP hidden sizes: wide enough (1.1M parameters) that the all-reduce counts",
+    )
     parser.add_argument("--target", type=float, default=0.9, help="validation accuracy to reach")
     parser.add_argument("--out", type=Path, default=Path("runs/comm"))
     args = parser.parse_args()
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        args.hidden = [int(h) for h in args.hidden.split(",")]
+    except ValueError:
+        parser.error(f"--hidden must be comma-separated integers, got {args.hidden!r}")
+    if not args.hidden or min(args.hidden) < 1:
+        parser.error(f"--hidden sizes must be >= 1, got {args.hidden}")
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown or not args.strategies:
         parser.error(f"--strategies must name some of {STRATEGIES}, got {unknown or 'none'}")
