@@ -20,20 +20,17 @@ from typing_extensions import override
 
 from lightning_dl.parallel.layout import ParallelLayout
 from lightning_dl.parallel.pipeline import (
+    BALANCES,
     Event,
     PipelineEngine,
     TimelineRecorder,
     all_reduce_mean,
+    build_pipeline,
     check_balance,
     check_microbatches,
     check_stages,
-    materialize,
-    param_counts,
-    partition_costs,
+    resolve_balance,
     resolve_stages_per_rank,
-    split_model,
-    stage_ids,
-    time_blocks,
 )
 from lightning_dl.strategies._model_parallel import (
     FullStateLauncher,
@@ -58,8 +55,6 @@ PRESETS: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("pipeline_zero_bubble", {"schedule": "zbv_zero_bubble"}, "ZBV zero bubble, V placement (2 stages per rank)"),
 )
 """Registered names: (name, constructor arguments, description)."""
-
-BALANCES = ("params", "time")
 
 
 class PipelineStrategy(DDPStrategy):
@@ -216,52 +211,36 @@ class PipelineStrategy(DDPStrategy):
         blocks = list(module.pipeline_blocks())  # type: ignore[operator]
         pp = self._check_layout(self.world_size, len(blocks))
         self.layout = ParallelLayout(dp=self.data_parallel_size, pp=pp)
-        mesh = self.layout.build_mesh("cpu")
-        pp_rank = self.layout.coordinates(self.global_rank)["pp"]
-        balance = self._resolve_balance(module, blocks, pp * self.stages_per_rank)
+        example = getattr(module, "example_input_array", None)
+        self.stage_balance, self.predicted_stage_seconds = resolve_balance(
+            blocks, pp * self.stages_per_rank, self.balance, example=example, n_microbatches=self.n_microbatches
+        )
         self._state_keys = list(module.state_dict())
-        if trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == TrainerFn.FITTING:  # the whole model's optimizer order, for checkpoints
             self._optimizer_layout = optimizer_layout(first_optimizer(module.configure_optimizers()), module)
-        starts = [sum(balance[:s]) for s in range(len(balance) + 1)]
-        local = stage_ids(self.schedule, pp_rank, pp, self.stages_per_rank)
-        owned = [i for s in local for i in range(starts[s], starts[s + 1])]
-        split_model(module, blocks, owned)
-        materialize(blocks, owned, device=self.root_device, seed=self.seed)
         self.recorder = TimelineRecorder(self.global_rank) if self.record_timeline else None
-        self.stage_balance = balance
-        self.engine = PipelineEngine(
+        self.engine = build_pipeline(
+            module,
             blocks,
-            balance,
+            self.stage_balance,
             schedule=self.schedule,
-            n_microbatches=self.n_microbatches,
+            pp_rank=self.layout.coordinates(self.global_rank)["pp"],
             stages_per_rank=self.stages_per_rank,
+            n_microbatches=self.n_microbatches,
             loss_fn=module.pipeline_loss,  # type: ignore[arg-type]
-            group=mesh["pp"].get_group(),
+            group=self.layout.build_mesh("cpu")["pp"].get_group(),
             device=self.root_device,
+            seed=self.seed,
             recorder=self.recorder,
             metrics_fn=getattr(module, "pipeline_metrics", None),
         )
-        log.info("rank %d holds stages %s (blocks per stage %s)", self.global_rank, local, balance)
-
-    def _resolve_balance(self, module: L.LightningModule, blocks: list, stages: int) -> list[int]:
-        if isinstance(self.balance, list):
-            return check_balance(self.balance, len(blocks), stages)
-        if self.balance == "params":
-            return partition_costs(param_counts(blocks), stages)
-        example = getattr(module, "example_input_array", None)
-        if not isinstance(example, torch.Tensor):
-            raise ValueError("`balance='time'` times the blocks on the module's `example_input_array` (one batch).")
-        if any(p.is_meta for p in module.parameters()):
-            raise ValueError(
-                "`balance='time'` needs real blocks; blocks built on meta in configure_model() cannot run."
-            )
-        micro = example[: max(1, example.shape[0] // self.n_microbatches)].to(self.root_device)
-        measured = time_blocks(blocks, micro).seconds if self.global_rank == 0 else None
-        seconds: list[float] = self.broadcast(measured)  # type: ignore[arg-type]  # every rank splits the same way
-        balance = partition_costs(seconds, stages)
-        self.predicted_stage_seconds = [sum(seconds[a : a + n]) for a, n in zip(_starts(balance), balance, strict=True)]
-        log.info("balance='time': blocks per stage %s, predicted seconds %s", balance, self.predicted_stage_seconds)
-        return balance
+        log.info(
+            "rank %d holds stages %s (blocks per stage %s, predicted stage seconds %s)",
+            self.global_rank,
+            self.engine.local_ids,
+            self.stage_balance,
+            self.predicted_stage_seconds,
+        )
 
     @override
     def setup_optimizers(self, trainer: L.Trainer) -> None:
@@ -442,10 +421,6 @@ class PipelineStrategy(DDPStrategy):
         self._gathered = None if events is None else [Event(**e) for e in events]
         self.stage_balance = results["stage_balance"]
         self.predicted_stage_seconds = results["predicted"]
-
-
-def _starts(balance: Sequence[int]) -> list[int]:
-    return [sum(balance[:s]) for s in range(len(balance))]
 
 
 def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,6 +112,7 @@ def _data_parallel(rank: int, world_size: int) -> dict:
     return {"state": module.state_dict(), "sampler": trainer.strategy.distributed_sampler_kwargs}
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_pipeline_times_data_parallel_on_four_processes() -> None:
     results = run_distributed(_data_parallel, 4, timeout=300)

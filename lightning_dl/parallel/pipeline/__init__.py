@@ -2,6 +2,7 @@
 deleting what it does not own (names stay the whole model's), run any torch schedule by name, record a timeline.
 Torch only."""
 
+from lightning_dl.parallel.pipeline.build import BALANCES, build_pipeline, resolve_balance
 from lightning_dl.parallel.pipeline.engine import PipelineEngine, all_reduce_mean, eval_microbatches
 from lightning_dl.parallel.pipeline.partition import (
     BlockTimes,
@@ -27,6 +28,7 @@ from lightning_dl.parallel.pipeline.split import StageModule, materialize, split
 from lightning_dl.parallel.pipeline.timeline import Event, TimelineRecorder, bubble_fraction, bubble_theory
 
 __all__ = [
+    "BALANCES",
     "SCHEDULES",
     "BlockTimes",
     "Event",
@@ -38,6 +40,7 @@ __all__ = [
     "boundaries",
     "bubble_fraction",
     "bubble_theory",
+    "build_pipeline",
     "build_schedule",
     "check_balance",
     "check_microbatches",
@@ -47,6 +50,7 @@ __all__ = [
     "materialize",
     "param_counts",
     "partition_costs",
+    "resolve_balance",
     "resolve_stages_per_rank",
     "split_model",
     "stage_costs",
