@@ -94,6 +94,25 @@ def check_async(cwd: Path, result: subprocess.CompletedProcess) -> None:
     assert (out / "async_sgd.png").read_bytes()[:4] == PNG
 
 
+def check_comm(cwd: Path, result: subprocess.CompletedProcess) -> None:
+    """A row per strategy the quick run names, in its order; the plot is written."""
+    out = cwd / "runs" / "comm"
+    rows = (out / "comm.md").read_text().splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["ddp", "local_sgd", "ddp_int8"]
+    assert (out / "comm.png").read_bytes()[:4] == PNG
+
+
+def _check_report(name: str) -> Callable[[Path, subprocess.CompletedProcess], None]:
+    def check(cwd: Path, result: subprocess.CompletedProcess) -> None:
+        out = cwd / "runs" / name
+        assert len((out / f"{name}.md").read_text().splitlines()) > 2  # header, rule and at least one row
+        assert json.loads((out / f"{name}.json").read_text())["environment"]["torch"]
+        assert (out / f"{name}.png").read_bytes()[:4] == PNG
+
+    check.__doc__ = f"{name}.md holds at least one row; the JSON and plot are written."
+    return check
+
+
 def check_charlm(cwd: Path, result: subprocess.CompletedProcess) -> None:
     """The causal Transformer learns to reverse symbol strings within one epoch."""
     report = _report(result.stdout, "test loss", "test seq acc")
@@ -108,11 +127,13 @@ CHECKS: dict[str, Callable[[Path, subprocess.CompletedProcess], None]] = {
     "norms": _check_table("norms", 6),
     "async": check_async,
     "charlm": check_charlm,
+    "comm": check_comm,
+    "pipeline": _check_report("pipeline"),
 }
 EXTRA_ARGS: dict[str, tuple[str, ...]] = {
     "digits": ("--model.optimizer=lamb", "--model.lr=0.01", "--model.norm=layer", "--model.init=he_normal"),
 }
-MULTI_PROCESS = {"async"}
+MULTI_PROCESS = {"async", "comm", "pipeline"}
 
 
 def test_every_recipe_declares_quick_arguments() -> None:
