@@ -102,6 +102,8 @@ class TensorParallelStrategy(ModelParallelStrategy):
     ) -> None:
         _size("tensor_parallel_size", tensor_parallel_size)
         _size("data_parallel_size", data_parallel_size)
+        if start_method not in ("spawn", "fork", "forkserver"):
+            raise ValueError(f"`start_method={start_method!r}` must be one of ('spawn', 'fork', 'forkserver').")
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f"`checkpoint_format={checkpoint_format!r}` must be one of {CHECKPOINT_FORMATS}.")
         if isinstance(plan, str) and plan != "auto":
@@ -196,9 +198,11 @@ class TensorParallelStrategy(ModelParallelStrategy):
     @contextmanager
     @override
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
-        # a module that builds itself in configure_model() is created on the meta device, materialised sharded
+        # a module that builds itself in configure_model() (the strategy holds the module then) is created on the
+        # meta device and materialised sharded; `trainer.init_module()` before fit builds real tensors unless asked
+        meta = empty_init is True or (empty_init is None and self._lightning_module is not None)
         with (
-            torch.device("meta") if empty_init is not False else nullcontext(),
+            torch.device("meta") if meta else nullcontext(),
             self.precision_plugin.tensor_init_context(),
         ):
             yield

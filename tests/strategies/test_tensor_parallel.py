@@ -40,6 +40,7 @@ def test_registered_name_and_cli_select_the_strategy() -> None:
     [
         ({"tensor_parallel_size": 0}, r"`tensor_parallel_size=0` must be a positive integer or 'auto'"),
         ({"checkpoint_format": "zip"}, r"`checkpoint_format='zip'` must be one of \('auto', 'full', 'sharded'\)"),
+        ({"start_method": "thread"}, r"`start_method='thread'` must be one of \('spawn', 'fork', 'forkserver'\)"),
         ({"plan": "greedy"}, r"`plan='greedy'` must be 'auto', a dict of module name to style, or a callable"),
         ({"plan": {"net.0": "colwise"}, "sequence_parallel": True}, r"`sequence_parallel=True` applies to plan='auto'"),
     ],
