@@ -2,16 +2,18 @@
 rank: E₂ = S₂ / (2·S₁) (samples/s of 2 ranks over twice those of one process) and bytes handed to collectives per
 step, for raw torch DDP, Lightning's ``ddp``, ``local_sgd`` (H = 4, 16), ``diloco`` (H = 16), ``ddp_powersgd``
 (rank 4), ``ddp_int8``, ``ddp_sign`` and ZeRO-1/2, with two independent processes as the ceiling. Every contender
-runs in the same two processes, one after the other. Prints ratios (ours / DDP) and absolute figures; writes
-data_parallel.json and data_parallel.png.
+runs in the same two processes; ``--rounds`` rounds go over all of them in turn (one process alone included) and
+the median round is reported, so that load from elsewhere hits every contender alike. Prints ratios (ours / DDP)
+and absolute figures; writes data_parallel.json and data_parallel.png.
 
-    python benchmarks/bench_data_parallel.py [--steps 32] [--quick] [--out DIR]
+    python benchmarks/bench_data_parallel.py [--steps 16] [--rounds 3] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import statistics
 import tempfile
 import time
 from contextlib import contextmanager
@@ -158,36 +160,48 @@ def _rank(rank: int, world: int, tmp: str, cfg: dict) -> None:
     import lightning_dl  # noqa: F401 - registers the strategy names
 
     numel = sum(p.numel() for p in mlp(cfg["sizes"]).parameters())
-    results: dict[str, dict[str, float]] = {}
-    dist.barrier()
-    results["independent"] = {"step_s": torch_loop(mlp(cfg["sizes"]), cfg, 1), "bytes_per_step": 0.0}
-    dist.barrier()
-    model = nn.parallel.DistributedDataParallel(mlp(cfg["sizes"]))
-    results["torch DDP"] = {"step_s": torch_loop(model, cfg, world), "bytes_per_step": 4.0 * numel}
-    for label, name, kwargs in cfg["contenders"]:
+    results: dict[str, dict[str, list[float]]] = {}
+
+    def record(label: str, seconds: float, sent: float) -> None:
+        entry = results.setdefault(label, {"step_s": [], "bytes_per_step": []})
+        entry["step_s"].append(seconds)
+        entry["bytes_per_step"].append(sent)
+
+    for _ in range(cfg["rounds"]):  # rounds interleave the contenders, so load changes hit all of them alike
         dist.barrier()
-        entry = StrategyRegistry[name]  # the registered class and arguments, with this contender's on top
-        strategy = entry["strategy"](**(entry["init_params"] | kwargs))
-        with count_collectives() as counter:
-            seconds, trainer = lightning_fit(strategy, cfg, world)
-        steps = trainer.global_step
-        if hasattr(strategy, "bytes_sent"):
-            sent = strategy.bytes_sent / steps
-        elif name.startswith("deepspeed"):
-            sent = counter["bytes"] / steps
-        else:  # DDP all-reduces every gradient once per step
-            sent = 4.0 * numel
-        results[label] = {"step_s": seconds, "bytes_per_step": sent}
+        if rank == 0:  # one process alone (rank 1 waits in the barrier)
+            record("one process torch", torch_loop(mlp(cfg["sizes"]), cfg, 1), 0.0)
+            record("one process Lightning", lightning_fit("auto", cfg, 1)[0], 0.0)
+        dist.barrier()
+        record("independent", torch_loop(mlp(cfg["sizes"]), cfg, 1), 0.0)
+        dist.barrier()
+        model = nn.parallel.DistributedDataParallel(mlp(cfg["sizes"]))
+        record("torch DDP", torch_loop(model, cfg, world), 4.0 * numel)
+        for label, name, kwargs in cfg["contenders"]:
+            dist.barrier()
+            entry = StrategyRegistry[name]  # the registered class and arguments, with this contender's on top
+            strategy = entry["strategy"](**(entry["init_params"] | kwargs))
+            with count_collectives() as counter:
+                seconds, trainer = lightning_fit(strategy, cfg, world)
+            steps = trainer.global_step
+            if hasattr(strategy, "bytes_sent"):
+                sent = strategy.bytes_sent / steps
+            elif name.startswith("deepspeed"):
+                sent = counter["bytes"] / steps
+            else:  # DDP all-reduces every gradient once per step
+                sent = 4.0 * numel
+            record(label, seconds, sent)
     torch.save(results, Path(tmp) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
 def main() -> None:
     parser = bench_parser(__doc__)
-    parser.add_argument("--steps", type=int, default=32, help="timed steps per contender (after warm-up)")
+    parser.add_argument("--steps", type=int, default=16, help="timed steps per contender and round (after warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all contenders; the median is reported")
     args = parser.parse_args()
-    if args.steps < 2:
-        parser.error(f"--steps must be >= 2, got {args.steps}")
+    if args.steps < 2 or args.rounds < 1:
+        parser.error(f"--steps must be >= 2 and --rounds >= 1, got {args.steps} and {args.rounds}")
     bench = Bench("data_parallel", args)
     quick = bench.quick
     cfg = {
@@ -195,23 +209,26 @@ def main() -> None:
         "batch": 8 if quick else 64,
         "warmup": 2 if quick else 4,
         "steps": 4 if quick else args.steps,
+        "rounds": 1 if quick else args.rounds,
         "contenders": CONTENDERS,
     }
-    torch.set_num_threads(1)
-    one_torch = torch_loop(mlp(cfg["sizes"]), cfg, 1)
-    one_lightning, _ = lightning_fit("auto", cfg, 1)
     with tempfile.TemporaryDirectory(prefix="bench_data_parallel_") as tmp:
         mp.spawn(_rank, args=(2, tmp, cfg), nprocs=2, join=True)
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(2)]
+    # per round, the slower rank sets the pace; the median over rounds is reported
+    paced = {label: [max(r) for r in zip(*(k[label]["step_s"] for k in ranks), strict=True)] for label in ranks[1]}
+    one_torch = statistics.median(ranks[0]["one process torch"]["step_s"])
+    one_lightning = statistics.median(ranks[0]["one process Lightning"]["step_s"])
     rows = {}
-    for label in ranks[0]:
-        step_s = max(r[label]["step_s"] for r in ranks)  # the slower rank sets the pace
+    for label, per_round in paced.items():
+        step_s = statistics.median(per_round)
         single = one_torch if label in ("independent", "torch DDP") else one_lightning
         rows[label] = {
             "step_ms": 1e3 * step_s,
+            "step_ms_rounds": [1e3 * t for t in per_round],
             "samples_per_s": 2 * cfg["batch"] / step_s,
             "efficiency": single / step_s,  # S₂/(2·S₁) = (2b/T₂)/(2·b/T₁) = T₁/T₂, batch b per rank
-            "bytes_per_step": ranks[0][label]["bytes_per_step"],
+            "bytes_per_step": statistics.median(ranks[0][label]["bytes_per_step"]),
         }
     ddp = rows["ddp"]
     print(f"\none process: torch {1e3 * one_torch:.1f} ms/step, Lightning {1e3 * one_lightning:.1f} ms/step")
@@ -232,6 +249,10 @@ def main() -> None:
         {
             "config": {k: v for k, v in cfg.items() if k != "contenders"},
             "one_process_step_ms": {"torch": 1e3 * one_torch, "lightning": 1e3 * one_lightning},
+            "one_process_step_ms_rounds": {
+                "torch": [1e3 * t for t in ranks[0]["one process torch"]["step_s"]],
+                "lightning": [1e3 * t for t in ranks[0]["one process Lightning"]["step_s"]],
+            },
             "rows": rows,
             "goals": GOALS,
             "definition": "E2 = S2 / (2 S1): samples/s of 2 ranks (batch b each) over twice one process's (batch b)",
