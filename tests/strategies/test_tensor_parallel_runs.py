@@ -23,7 +23,7 @@ from tests.helpers.trainer import quiet_trainer
 from tests.parallel.tensor.models import build
 from tests.parallel.tensor.task import CLIP, GradRecorder, Task, assert_matches, global_batches, loader, reference
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 EPOCHS = 2
 
 
