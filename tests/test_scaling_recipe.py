@@ -1,0 +1,75 @@
+"""The scaling and too-big recipes' own logic, without processes: the layout → strategy mapping, the parameter
+count the memory cap is chosen from, and bad arguments refused before anything starts."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from lightning_dl.parallel.layout import ParallelLayout
+from lightning_dl.strategies import PipelineStrategy, TensorParallelStrategy
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name: str) -> ModuleType:
+    sys.path.insert(0, str(EXAMPLES))  # the recipes import examples/_report.py
+    try:
+        spec = importlib.util.spec_from_file_location(f"recipe_{name}", EXAMPLES / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+scaling = _load("scaling")
+too_big = _load("too_big")
+
+
+def test_every_default_layout_maps_to_an_existing_strategy():
+    strategies = {text: scaling.strategy_for(scaling.parse_layout(text)) for text in scaling.LAYOUTS}
+    assert strategies["1"] == "auto" and strategies["dp2"] == "ddp" and strategies["dp4"] == "ddp"
+    for text, dp in (("pp2", 1), ("dp2,pp2", 2)):
+        assert isinstance(strategies[text], PipelineStrategy) and strategies[text].data_parallel_size == dp
+    for text in ("tp2", "dp2,tp2"):
+        assert isinstance(strategies[text], TensorParallelStrategy)
+    assert [scaling.parse_layout(t).world_size for t in scaling.LAYOUTS] == [1, 2, 2, 2, 4, 4, 4]
+    assert scaling.layout_name(ParallelLayout(dp=2, pp=2)) == "dp2 x pp2"
+    assert scaling.layout_name(ParallelLayout()) == "1 process"
+
+
+def test_layouts_that_cannot_run_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"layout dp1,tp2,pp2: tp × pp has no strategy here"):
+        scaling.strategy_for(ParallelLayout(tp=2, pp=2))
+    with pytest.raises(ValueError, match=r"cannot read 'dq2'"):
+        scaling.parse_layout("dq2")
+
+
+def test_parameter_bytes_counts_the_built_model():
+    module = too_big.WideMLP(width=32, layers=3)
+    with torch.device("meta"):
+        module.configure_model()
+    assert too_big.parameter_bytes(32, 3) == 4 * sum(p.numel() for p in module.parameters())
+    assert len(module.pipeline_blocks()) == 4
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("scaling.py", ["--layouts", "dp4", "--batch-size", "24"], "--batch-size 24 must divide by dp × 4"),
+        ("too_big.py", ["--microbatches", "3"], "--microbatches must divide --batch-size"),
+    ],
+)
+def test_bad_arguments_fail_before_any_process(script, args, message):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-1000:]
