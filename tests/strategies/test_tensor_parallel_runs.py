@@ -1,7 +1,8 @@
-"""``TensorParallelStrategy`` at tp2 and dp2 × tp2 equals one process (losses, gradients, parameters; clipping by
-the global norm through ``gradient_clip_val`` and ``GradientClipping``); fit then validate/test/predict in one
-script; full and sharded checkpoints load across tp2, dp2 × tp2 and one process with optimizer state; resume is
-exact. The processes are started by the harness, as torchrun would, and Lightning joins them."""
+"""``TensorParallelStrategy`` at tp2 and dp2 × tp2 (torch's TransformerEncoder, Lightning's demo Transformer,
+TransformerLM with loss and sequence parallelism, SwiGLU, MLP) equals one process (losses, gradients, parameters;
+clipping by the global norm through ``gradient_clip_val`` and ``GradientClipping``); fit then validate/test/predict
+in one script; full and sharded checkpoints load across tp2, dp2 × tp2 and one process with optimizer state; resume
+is exact. The processes are started by the harness, as torchrun would, and Lightning joins them."""
 
 from __future__ import annotations
 
@@ -151,6 +152,10 @@ def _dp2_tp2(rank: int, world: int, directory: str) -> dict:
     )
     task, recorder, _ = _fit("transformer_lm", strategy, world, gradient_clip_val=CLIP)
     out["lm"] = _run(task, recorder)
+    for name in ("lightning_demo", "swiglu", "mlp"):
+        strategy = TensorParallelStrategy(tensor_parallel_size=2, data_parallel_size=2)
+        task, recorder, _ = _fit(name, strategy, world, gradient_clip_val=CLIP)
+        out[name] = _run(task, recorder)
     for fmt in ("full.ckpt", "sharded"):
         out[fmt] = _load_only("transformer_lm", world, f"{directory}/{fmt}", data_parallel_size=2, loss_parallel=True)
     return out
@@ -226,6 +231,12 @@ def test_tp2_and_dp2_tp2_equal_one_process_and_checkpoints_cross_layouts(tmp_pat
         reference("transformer_lm", global_batches("transformer_lm", 2, EPOCHS)),
         dp=2,
     )
+    for name in ("lightning_demo", "swiglu", "mlp"):
+        assert_matches(
+            {**dp2[0][name], "losses": dp2[0][name]["losses"] + dp2[2][name]["losses"]},
+            reference(name, global_batches(name, 2, EPOCHS)),
+            dp=2,
+        )
     one = run_distributed(_one_process, 1, str(tmp_path), timeout=120)[0]
     for fmt in ("full.ckpt", "sharded"):
         _assert_loaded(dp2[0][fmt], saved)
