@@ -18,7 +18,7 @@ from tests.helpers.trainer import quiet_trainer
 from tests.strategies.test_local_sgd import BATCH, LR, WORLD, _data, ddp_reference, per_rank_batches
 
 pytest.importorskip("deepspeed")
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 6
 
