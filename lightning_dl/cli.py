@@ -100,6 +100,20 @@ RECIPES: tuple[Recipe, ...] = (
         "digits on 2 processes: time to target and final accuracy, ddp vs local SGD, DiLoCo, compression, ZeRO",
         quick=("--epochs=1", "--seeds=1", "--strategies=ddp,local_sgd,ddp_int8"),
     ),
+    Recipe(
+        "scaling",
+        "scaling.py",
+        None,
+        "one model and global batch under 1 process, dp2, tp2, pp2, dp2xpp2, dp2xtp2, dp4: T_N, samples/s, E_N, memory",
+        quick=("--layouts=1;pp2", "--epochs=1", "--hidden=64,64", "--skip-contention"),
+    ),
+    Recipe(
+        "too-big",
+        "too_big.py",
+        None,
+        "a model too big for one capped process (RLIMIT_AS) fails there and trains over 2 pipeline stages",
+        quick=("--width=512", "--layers=2", "--steps=1"),
+    ),
 )
 
 
