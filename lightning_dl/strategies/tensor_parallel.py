@@ -5,7 +5,6 @@ the calling process the whole trained model as plain tensors."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -17,6 +16,7 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -40,8 +40,6 @@ from lightning_dl.strategies._tensor_parallel_glue import (
     optimizer_state_by_ids,
     optimizer_state_by_names,
 )
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 FULL_CHECKPOINT_LIMIT = 2**30
@@ -224,8 +222,7 @@ class TensorParallelStrategy(ModelParallelStrategy):
                 loss_parallel=self.loss_parallel,
                 sequence_parallel=self.sequence_parallel,
             )
-            if self.global_rank == 0:
-                log.info("tensor-parallel plan (%s):\n%s", self._layout, self.applied_plan.table())
+            rank_zero_info(f"tensor-parallel plan ({self._layout}):\n{self.applied_plan.table()}")
             if self._layout.dp_enabled:
                 fully_shard_over_dp(module, self.device_mesh["dp"])
         if self._format == "auto":
