@@ -1,10 +1,13 @@
 """``deepspeed_zero1/2/3`` on 2 CPU ranks (gloo) through Lightning's DeepSpeed strategy: parameters after every step
-equal one process stepping on the same global batches (<= 1e-5 relative), and each rank holds about half of the
-optimizer state (ZeRO-3: of the parameters too), measured. One spawned run covers the three stages."""
+equal one process stepping on the same global batches (<= 1e-5 relative), each rank holds about half of the
+optimizer state (ZeRO-3: of the parameters too), measured, and a checkpoint taken after one epoch resumes exactly.
+One spawned run covers the three stages."""
 
 from __future__ import annotations
 
 import functools
+import tempfile
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -19,8 +22,6 @@ from tests.strategies.test_local_sgd import BATCH, LR, WORLD, _data, ddp_referen
 
 pytest.importorskip("deepspeed")
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-STEPS = 6
 
 
 class FullParamsPerStep(L.Callback):
@@ -41,34 +42,45 @@ def gathered(module: torch.nn.Module) -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]
 
 
-def _run(rank: int, world_size: int) -> dict:
+def _fit(stage: int, epochs: int, ckpt_path: str | None = None, save: str | None = None) -> dict:
+    strategy = DeepSpeedCPUStrategy(stage=stage)
+    module = TinyRegressor(tiny_net(seed=0), lr=LR)
+    recorder = FullParamsPerStep()
+    trainer = quiet_trainer(devices=WORLD, strategy=strategy, max_epochs=epochs, callbacks=[recorder])
+    trainer.fit(module, DataLoader(_data(), batch_size=BATCH), ckpt_path=ckpt_path)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    return {
+        "steps": recorder.params,
+        "final": gathered(module),
+        "global_step": trainer.global_step,
+        "optimizer_numel": optimizer_state_numel(strategy),
+        "param_numel": sum(getattr(p, "ds_tensor", p).numel() for p in module.parameters()),
+        "optimizer": type(strategy.deepspeed_engine.optimizer).__name__,
+    }
+
+
+def _run(rank: int, world_size: int, tmp: str) -> dict:
     out = {}
     for stage in (1, 2, 3):
-        strategy = DeepSpeedCPUStrategy(stage=stage)
-        module = TinyRegressor(tiny_net(seed=0), lr=LR)
-        recorder = FullParamsPerStep()
-        trainer = quiet_trainer(devices=world_size, strategy=strategy, max_steps=STEPS, callbacks=[recorder])
-        trainer.fit(module, DataLoader(_data(), batch_size=BATCH))
-        local_params = sum(getattr(p, "ds_tensor", p).numel() for p in module.parameters())
-        out[stage] = {
-            "steps": recorder.params,
-            "optimizer_numel": optimizer_state_numel(strategy),
-            "param_numel": local_params,
-            "optimizer": type(strategy.deepspeed_engine.optimizer).__name__,
-        }
+        out[stage] = _fit(stage, epochs=2)  # 10 steps
+        path = str(Path(tmp) / f"zero{stage}.ckpt")  # DeepSpeed writes a folder of per-rank shards
+        _fit(stage, epochs=1, save=path)
+        out[f"{stage}_resumed"] = _fit(stage, epochs=2, ckpt_path=path)
     return out
 
 
 @functools.cache
 def runs() -> list[dict]:
-    return run_distributed(_run, WORLD, timeout=300)
+    with tempfile.TemporaryDirectory(prefix="lightning_dl_zero_") as tmp:
+        return run_distributed(_run, WORLD, tmp, timeout=400)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_equals_one_process_on_global_batches(stage) -> None:
-    reference = ddp_reference(per_rank_batches(2)[:STEPS])
+    reference = ddp_reference(per_rank_batches(2))
     for rank, result in enumerate(runs()):
-        assert len(result[stage]["steps"]) == STEPS
+        assert len(result[stage]["steps"]) == len(reference) == 10
         for step, (got, want) in enumerate(zip(result[stage]["steps"], reference, strict=True)):
             for g, w in zip(got, want, strict=True):
                 torch.testing.assert_close(
@@ -87,6 +99,14 @@ def test_optimizer_state_is_split_across_ranks(stage) -> None:
         assert all(n < total for n in params) and sum(params) >= total, params
     else:
         assert params == [total, total]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_resumes_exactly(stage) -> None:
+    for result in runs():
+        assert result[f"{stage}_resumed"]["global_step"] == 10
+        for got, want in zip(result[f"{stage}_resumed"]["final"], result[stage]["final"], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_bad_stage_is_an_error() -> None:
