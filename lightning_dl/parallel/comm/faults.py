@@ -20,8 +20,8 @@ def missing_ranks(store: dist.Store, rank: int, world_size: int, *, grace: float
         [2]
     """
     prefix = f"lightning_dl/alive/{tag}/"
+    store.set_timeout(timedelta(seconds=max(grace, 0.01)))  # bounds every store call, the first included
     store.set(prefix + str(rank), "1")
-    store.set_timeout(timedelta(seconds=max(grace, 0.01)))
     deadline = time.monotonic() + grace
     missing = [r for r in range(world_size) if r != rank]
     while missing:
