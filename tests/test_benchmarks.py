@@ -13,6 +13,8 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted(BENCHMARKS.glob("bench_*.py"))
+MULTI_PROCESS = {"bench_async", "bench_data_parallel", "bench_pipeline", "bench_tensor_parallel"}
+"""Benchmarks that start process groups (marked ``distributed``)."""
 
 
 def _stamps(folder: Path) -> dict[str, int]:
@@ -24,7 +26,10 @@ def test_the_benchmarks_are_found() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "script",
+    [pytest.param(p, id=p.stem, marks=[pytest.mark.distributed] if p.stem in MULTI_PROCESS else []) for p in SCRIPTS],
+)
 def test_benchmark_runs_quick_and_records_the_machine(tmp_path: Path, script: Path) -> None:
     out = tmp_path / "out"
     committed = _stamps(BENCHMARKS / "results")
