@@ -61,13 +61,25 @@ class FullStateLauncher(_MultiProcessingLauncher):
         return _WorkerOutput(best, weights_path, trainer.state, results, self.get_extra_results(trainer))
 
     def get_extra_results(self, trainer: L.Trainer) -> dict[str, Any]:
-        return {**super().get_extra_results(trainer), "strategy_results": getattr(self, "_strategy_results", None)}
+        extra = super().get_extra_results(trainer)
+        results = getattr(self, "_strategy_results", None)
+        if results is not None:  # through a file: Lightning joins the processes before it reads their pipe, so a
+            # result larger than the pipe's buffer would block the sending process forever
+            path = os.path.join(tempfile.mkdtemp(), "strategy_results.pt")
+            torch.save(results, path)
+            extra["strategy_results_path"] = path
+        return extra
 
     def update_main_process_results(self, trainer: L.Trainer, extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)
+        path = extra.get("strategy_results_path")
         receive = getattr(self._strategy, "receive_results", None)
-        if receive is not None and extra.get("strategy_results") is not None:
-            receive(extra["strategy_results"])
+        if path is not None:
+            results = torch.load(path, weights_only=False)
+            os.remove(path)
+            os.rmdir(os.path.dirname(path))
+            if receive is not None:
+                receive(results)
 
     def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: L.Trainer) -> None:
         if worker_output.weights_path is not None:

@@ -10,8 +10,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.strategies import StrategyRegistry
 from torch.utils.data import DataLoader, Subset
 
+import lightning_dl  # noqa: F401  (registers the names)
 from lightning_dl.strategies.pipeline import PipelineStrategy
 from tests.helpers.distributed import run_distributed
 from tests.helpers.models import regression_dataset
@@ -138,12 +140,14 @@ class DiesOnRankOne(PipeNet):
 @pytest.mark.distributed
 def test_spawn_returns_every_stage_and_a_dead_stage_is_named() -> None:
     module = PipeNet()
-    quiet_trainer(devices=2, strategy="pipeline", use_distributed_sampler=False, max_steps=3).fit(
-        module, DataLoader(DATA, batch_size=BATCH)
-    )
-    expected = _single(3).state_dict()
+    strategy = PipelineStrategy(record_timeline=True)
+    trainer = quiet_trainer(devices=2, strategy=strategy, use_distributed_sampler=False, max_steps=40)
+    trainer.fit(module, DataLoader(DATA, batch_size=BATCH))
+    expected = _single(40).state_dict()
     for key, value in module.state_dict().items():  # the calling process holds both stages, trained
         torch.testing.assert_close(value, expected[key], **TOL, msg=key)
+    # every rank's timeline comes back too: 40 steps × 4 micro-batches × (F, B) × 2 ranks, more than a pipe holds
+    assert len(strategy.timeline) == 40 * M * 2 * 2 and strategy.stage_balance == [2, 2]
     trainer = quiet_trainer(devices=2, strategy=PipelineStrategy(timeout=__import__("datetime").timedelta(seconds=60)),
                             use_distributed_sampler=False, max_steps=3)  # fmt: skip
     with pytest.raises(Exception, match=r"[Pp]rocess 1 terminated with exit code 3"):
@@ -176,6 +180,19 @@ def test_errors_before_any_process_starts(module, strategy, devices, batch, mess
     trainer = quiet_trainer(devices=devices, strategy=PipelineStrategy(**strategy), use_distributed_sampler=False)
     with pytest.raises((ValueError, TypeError), match=message):
         trainer.fit(module, DataLoader(DATA, batch_size=batch))
+
+
+def test_registered_names() -> None:
+    expected = {
+        "pipeline": {"schedule": "1f1b"},
+        "pipeline_gpipe": {"schedule": "gpipe"},
+        "pipeline_1f1b": {"schedule": "1f1b"},
+        "pipeline_interleaved": {"schedule": "interleaved_1f1b", "stages_per_rank": 2},
+        "pipeline_zero_bubble": {"schedule": "zbv_zero_bubble"},
+    }
+    for name, init in expected.items():
+        assert StrategyRegistry[name]["strategy"] is PipelineStrategy and StrategyRegistry[name]["init_params"] == init
+    assert isinstance(quiet_trainer(devices=2, strategy="pipeline_interleaved").strategy, PipelineStrategy)
 
 
 def test_constructor_errors() -> None:
