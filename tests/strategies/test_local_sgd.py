@@ -213,21 +213,23 @@ def test_registered_names_build_the_strategies() -> None:
 
 
 class KillRank(L.Callback):
-    """SIGKILLs its own process (as ``kill -9``) on ``rank`` after ``after`` training batches."""
+    """Sends its own process ``signum`` on ``rank`` after ``after`` training batches: SIGKILL (``kill -9``) kills
+    it, SIGSTOP leaves it alive but silent (a hung rank)."""
 
-    def __init__(self, rank: int, after: int) -> None:
-        self.rank, self.after, self.seen = rank, after, 0
+    def __init__(self, rank: int, after: int, signum: int = signal.SIGKILL) -> None:
+        self.rank, self.after, self.signum, self.seen = rank, after, signum, 0
 
     def on_train_batch_end(self, trainer, *args) -> None:
         self.seen += 1
         if trainer.global_rank == self.rank and self.seen >= self.after:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signum)
 
 
-def _fault_worker(rank: int, port: int, out: str, victim: int = 1) -> None:
+def _fault_worker(rank: int, port: int, out: str, victim: int = 1, signum: int = signal.SIGKILL) -> None:
     os.environ.update(loopback_env(rank, WORLD) | {"MASTER_PORT": str(port)})
+    strategy = LocalSGDStrategy(sync_every=2, timeout=5 if signum == signal.SIGSTOP else 30)
     trainer = quiet_trainer(
-        devices=WORLD, strategy=LocalSGDStrategy(sync_every=2), max_steps=200, callbacks=[KillRank(victim, after=3)]
+        devices=WORLD, strategy=strategy, max_steps=200, callbacks=[KillRank(victim, after=3, signum=signum)]
     )
     start = time.monotonic()
     try:
@@ -238,16 +240,17 @@ def _fault_worker(rank: int, port: int, out: str, victim: int = 1) -> None:
     Path(out, f"rank{rank}.txt").write_text(f"{time.monotonic() - start}\n{message}")
 
 
-def _kill_one(victim: int) -> tuple[float, str]:
+def _kill_one(victim: int, signum: int = signal.SIGKILL) -> tuple[float, str]:
     """Two ranks under LocalSGDStrategy (the process group initialised by Lightning, so the strategy's timeout
-    applies); ``victim`` SIGKILLs itself after 3 steps. Returns the survivor's seconds in ``fit`` and its error."""
+    applies); ``victim`` sends itself ``signum`` after 3 steps. Returns the survivor's seconds in ``fit`` and its
+    error."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     context = mp.get_context("spawn")
     survivor = 1 - victim
     with tempfile.TemporaryDirectory(prefix="lightning_dl_fault_") as out:
-        processes = [context.Process(target=_fault_worker, args=(r, port, out, victim)) for r in range(WORLD)]
+        processes = [context.Process(target=_fault_worker, args=(r, port, out, victim, signum)) for r in range(WORLD)]
         for p in processes:
             p.start()
         try:
@@ -257,7 +260,7 @@ def _kill_one(victim: int) -> tuple[float, str]:
                 if p.is_alive():
                     os.kill(p.pid, signal.SIGKILL)
                 p.join()
-        assert processes[victim].exitcode == -signal.SIGKILL
+        assert signum == signal.SIGSTOP or processes[victim].exitcode == -signal.SIGKILL
         seconds, _, message = Path(out, f"rank{survivor}.txt").read_text().partition("\n")
     return float(seconds), message
 
@@ -275,3 +278,12 @@ def test_a_dead_rank_zero_is_named_within_60_seconds() -> None:
     assert seconds < 60
     assert "[local_sgd] a collective failed on rank 1: rank 1 cannot reach the rendezvous store" in message
     assert "rank 0 is likely dead" in message
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_named_after_the_timeout() -> None:
+    """Rank 1 stops (SIGSTOP: alive, silent); with ``timeout=5`` rank 0 fails after about 5 s + the 5 s wait."""
+    seconds, message = _kill_one(victim=1, signum=signal.SIGSTOP)
+    assert seconds < 60
+    assert "rank(s) [1] of 2 did not answer rank 0 within 5 s: dead or hung" in message
+    assert "Collective timeout: 5 s" in message
