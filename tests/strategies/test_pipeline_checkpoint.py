@@ -46,6 +46,7 @@ def _pipeline_trainer(max_steps: int, **kwargs):
 
 
 def _checkpoints(rank: int, world_size: int, tmp: str) -> dict:
+    bad_runs = _bad_runs(rank, world_size)  # errors inside the processes first: the group stays usable
     ckpt_dir = Path(tmp) / "pipeline"
     module = PipeNet()
     best = ModelCheckpoint(
@@ -66,11 +67,12 @@ def _checkpoints(rank: int, world_size: int, tmp: str) -> dict:
         "resumed": resumed.state_dict(),
         "from_single": from_single.state_dict(),
         "sampler": trainer.strategy.distributed_sampler_kwargs,
+        "bad_runs": bad_runs,
     }
 
 
 @pytest.mark.distributed
-def test_checkpoints_load_in_one_process_and_resume_exactly(tmp_path: Path) -> None:
+def test_checkpoints_resume_and_errors_inside_the_processes(tmp_path: Path) -> None:
     _single(6, save=str(tmp_path / "single.ckpt"))  # one epoch, saved at its end
     results = run_distributed(_checkpoints, 2, str(tmp_path), timeout=300)
     # the pipeline checkpoint after one epoch: plain names, strict load, optimizer state in the one-process format
@@ -91,6 +93,8 @@ def test_checkpoints_load_in_one_process_and_resume_exactly(tmp_path: Path) -> N
     # loop state says its last batch, the loader restarts), in one process too: the bar is the one-process resume
     resumed = _single(8, ckpt=str(tmp_path / "single.ckpt")).state_dict()
     for rank, result in enumerate(results):
+        for message, (*_, pattern) in zip(result["bad_runs"], BAD_RUNS, strict=True):  # errors before training
+            assert re.search(pattern, message), (pattern, message)
         assert result["sampler"] == {"num_replicas": 1, "rank": 0}
         for key, value in result["uninterrupted"].items():
             torch.testing.assert_close(value, expected[key], **TOL)
@@ -227,10 +231,3 @@ def _bad_runs(rank: int, world_size: int) -> list[str]:
         except ValueError as err:
             messages.append(str(err))
     return messages
-
-
-@pytest.mark.distributed
-def test_errors_inside_the_processes() -> None:
-    for messages in run_distributed(_bad_runs, 2, timeout=120):
-        for message, (*_, pattern) in zip(messages, BAD_RUNS, strict=True):
-            assert re.search(pattern, message), (pattern, message)
