@@ -80,7 +80,7 @@ class Record(Callback):
 
 CONFIGS = {
     "1f1b_accumulate_clip_val_lr": dict(
-        strategy=dict(schedule="1f1b"),
+        strategy=dict(schedule="1f1b", record_timeline=True),
         trainer=dict(accumulate_grad_batches=2, gradient_clip_val=0.05),
         callbacks=lambda: [LRSchedule("cosine", warmup_steps=1, log=False)],
     ),
@@ -161,6 +161,7 @@ def _pipelined(rank: int, world_size: int, tmp: str) -> dict:
             "val": trainer.validate(module, val, verbose=False)[0],  # the forward-only schedule after fit
             "global_step": trainer.global_step,
             "balance": (trainer.strategy.stage_balance, trainer.strategy.predicted_stage_seconds),
+            "timeline": trainer.strategy.gather_timeline(),
         }
     return out
 
@@ -186,30 +187,17 @@ def test_trainer_matches_one_process(tmp_path: Path) -> None:
                     torch.testing.assert_close(grad, want[key], **TOL, msg=f"{name} {key}")
             for key, value in ranked["state"].items():  # BatchNorm running statistics included
                 torch.testing.assert_close(value, expected["state"][key], **TOL, msg=f"{name} {key}")
+    _check_timeline(results[0]["1f1b_accumulate_clip_val_lr"]["timeline"], tmp_path)
 
 
-@pytest.mark.distributed
-def test_timeline_is_recorded_and_drawn(tmp_path: Path) -> None:
-    events = run_distributed(_timeline, 2, timeout=120)[0]
-    batches = 6  # one epoch of 48 samples in batches of 8, accumulate 2: 3 optimizer steps
+def _check_timeline(events: list, tmp_path: Path) -> None:
+    """4 optimizer steps of 2 batches, each of M micro-batches: F and B per micro-batch on each rank."""
     for rank in (0, 1):
         mine = [e for e in events if e.rank == rank]
-        assert sorted(e.kind for e in mine) == ["B"] * batches * M + ["F"] * batches * M
+        assert sorted(e.kind for e in mine) == ["B"] * 8 * M + ["F"] * 8 * M
         assert all(e.end >= e.start for e in mine)
-    assert sorted({e.step for e in events}) == [0, 1, 2]
+    assert sorted({e.step for e in events}) == [0, 1, 2, 3]
     path, measured, theory = plot_pipeline_timeline(events, tmp_path / "timeline.png", n_microbatches=M)
     assert path.stat().st_size > 0 and 0.0 <= measured < 1.0 and theory == pytest.approx(1 / 5)
-    with pytest.raises(ValueError, match=r"`step=9` has no events; recorded steps: \[0, 1, 2\]"):
+    with pytest.raises(ValueError, match=r"`step=9` has no events; recorded steps: \[0, 1, 2, 3\]"):
         plot_pipeline_timeline(events, tmp_path / "none.png", n_microbatches=M, step=9)
-
-
-def _timeline(rank: int, world_size: int) -> list:
-    trainer = quiet_trainer(
-        devices=2,
-        strategy=PipelineStrategy(n_microbatches=M, record_timeline=True),
-        use_distributed_sampler=False,
-        max_epochs=1,
-        accumulate_grad_batches=2,
-    )
-    trainer.fit(PipeNet(), _loaders(True)[0])
-    return trainer.strategy.gather_timeline()
