@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _report import write  # examples/ is on sys.path when a recipe runs
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_dl.callbacks import ScalingEfficiency
 from lightning_dl.callbacks.scaling_efficiency import efficiency
@@ -73,7 +73,11 @@ def _fit(layout: ParallelLayout, args: argparse.Namespace) -> dict[str, Any]:
     data = DigitsDataModule(batch_size=args.batch_size // layout.dp, seed=0)
     data.setup("fit")
     per_replica = args.batch_size // layout.dp
-    train = DataLoader(data.train_dataloader().dataset, batch_size=per_replica, shuffle=True, drop_last=True)
+    dataset = data.train_dataloader().dataset
+    # one process reads the order Lightning's DistributedSampler (seed 0) gives every other layout: the same global
+    # batches in the same order everywhere, so the curves differ by speed only (and float rounding)
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0) if layout.dp == 1 else None
+    train = DataLoader(dataset, batch_size=per_replica, sampler=sampler, shuffle=sampler is None, drop_last=True)
     val = DataLoader(data.val_dataloader().dataset, batch_size=per_replica, drop_last=True)
     callback = ScalingEfficiency(warmup_steps=args.warmup_steps, target=args.target)
     trainer = L.Trainer(
@@ -146,12 +150,16 @@ def run_layout(text: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def contention(args: argparse.Namespace) -> dict[str, Any]:
-    """Two independent one-process trainings at once: the step time each gets when the machine runs both."""
+    """One one-process training alone, then two independent ones at once, back to back (the machine's other load
+    changes over minutes): the step time each gets when the machine runs both, against alone."""
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="lightning_dl_scaling_") as tmp:
+        _spawn(_independent, 1, (tmp, args), args.timeout)
+        alone = json.loads(Path(tmp, "independent0.json").read_text())["step_seconds"]
         _spawn(_independent, 2, (tmp, args), args.timeout)
-        reports = [json.loads(Path(tmp, f"independent{i}.json").read_text()) for i in range(2)]
-    return {"step_seconds": [r["step_seconds"] for r in reports], "load_before": list(load)}
+        pair = [json.loads(Path(tmp, f"independent{i}.json").read_text())["step_seconds"] for i in range(2)]
+    ceiling = efficiency(2 * alone, sum(pair) / len(pair), 2)  # two steps' work, done in one step's time at best
+    return {"alone_step_seconds": alone, "step_seconds": pair, "ceiling_E2": ceiling, "load_before": list(load)}
 
 
 def main() -> None:
@@ -207,10 +215,6 @@ def report(results: list[dict], machine: dict, args: argparse.Namespace, load_st
     t_1 = one["step_seconds"] if one else None
     for r in results:
         r["efficiency"] = efficiency(t_1, r["step_seconds"], r["world_size"]) if t_1 else None
-    if one and "two_independent" in machine:
-        pair = machine["two_independent"]["step_seconds"]
-        mean_pair = sum(pair) / len(pair)
-        machine["two_independent"] |= {"alone_step_seconds": t_1, "ceiling_E2": t_1 / mean_pair}
     header = ["configuration", "N", f"time to val loss {args.target} (s)", "T_N (ms)", "samples/s", "E_N",
               "peak RSS per rank (MiB)", "final val loss"]  # fmt: skip
     rows = []
