@@ -60,6 +60,10 @@ class PipeNet(L.LightningModule):
         x, y = batch
         self.log("val_loss", F.mse_loss(self(x), y), batch_size=len(x))
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.mse_loss(self(x), y), batch_size=len(x))
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=0.01)
 
@@ -137,7 +141,7 @@ def _reference(config: dict) -> dict:
     trainer, record = _trainer(config, pipeline=False)
     train, val = _loaders(False, config.get("m", M))
     trainer.fit(module, train)
-    metrics = trainer.validate(module, val, verbose=False)[0]
+    metrics = trainer.validate(module, val, verbose=False)[0] | trainer.test(module, val, verbose=False)[0]
     # Lightning hands on_train_batch_end the loss divided by accumulate_grad_batches; one pipeline batch = M batches
     m = config.get("m", M)
     losses = torch.stack(record.losses).view(-1, m).mean(dim=1) * trainer.accumulate_grad_batches
@@ -158,7 +162,8 @@ def _pipelined(rank: int, world_size: int, tmp: str) -> dict:
             "grads": record.grads,
             "state": {k: v.clone() for k, v in module.state_dict().items()},
             "last_step_loss": last_step_loss,
-            "val": trainer.validate(module, val, verbose=False)[0],  # the forward-only schedule after fit
+            # the forward-only schedule (a plain forward through the stages for V placement) after fit
+            "val": trainer.validate(module, val, verbose=False)[0] | trainer.test(module, val, verbose=False)[0],
             "global_step": trainer.global_step,
             "balance": (trainer.strategy.stage_balance, trainer.strategy.predicted_stage_seconds),
             "timeline": trainer.strategy.gather_timeline(),
@@ -179,7 +184,8 @@ def test_trainer_matches_one_process(tmp_path: Path) -> None:
             assert sum(balance) == 4 and len(balance) == (2 if name.startswith(("1f1b", "gpipe")) else 4)
             assert (predicted is not None and len(predicted) == 2) == name.endswith("time_balance")
             torch.testing.assert_close(ranked["losses"].float(), expected["losses"], **TOL, msg=name)
-            torch.testing.assert_close(ranked["val"]["val_loss"], expected["val"]["val_loss"], **TOL, msg=name)
+            for key in ("val_loss", "test_loss"):
+                torch.testing.assert_close(ranked["val"][key], expected["val"][key], **TOL, msg=f"{name} {key}")
             torch.testing.assert_close(ranked["last_step_loss"], expected["losses"][-1], **TOL, msg=name)
             assert len(ranked["grads"]) == STEPS
             for got, want in zip(ranked["grads"], expected["grads"], strict=True):
