@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_dl._log_steps import writes_logs
@@ -108,7 +109,7 @@ class ScalingEfficiency(Callback):
     it includes ``E_N = T_1 / (N · T_N)``.
 
     On logging steps it logs ``scaling/step_seconds`` and ``scaling/samples_per_second`` of the step just done
-    (after the warm-up).
+    (after the warm-up) and this rank's ``scaling/peak_rss_mib`` so far.
 
     Args:
         warmup_steps: optimizer steps left out of the step time.
@@ -188,13 +189,18 @@ class ScalingEfficiency(Callback):
                 for name, value in (
                     ("step_seconds", self.step_seconds[-1]),
                     ("samples_per_second", samples / self.step_seconds[-1]),
+                    ("peak_rss_mib", peak_rss_bytes() / 2**20),
                 ):
                     pl_module.log(f"scaling/{name}", value, on_step=True, on_epoch=False, batch_size=1)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # not on_validation_epoch_end: callbacks run it before the module's, whose logged values come later
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+        if (
+            trainer.sanity_checking
+            or trainer.state.fn != TrainerFn.FITTING
+            or self.monitor not in trainer.callback_metrics
+        ):
             return
         (value,) = reduce_floats([float(trainer.callback_metrics[self.monitor])], "mean")
         (seconds,) = reduce_floats([self.train_seconds], "max")

@@ -116,6 +116,10 @@ def test_step_times_throughput_target_and_efficiency_on_a_fake_clock():
     assert report.world_size == 1 and len(report.peak_rss_bytes) == 1
     assert trainer.callback_metrics["scaling/step_seconds"] == pytest.approx(steps[-1])
     assert trainer.callback_metrics["scaling/samples_per_second"] == pytest.approx(8 / steps[-1])
+    assert 50 < float(trainer.callback_metrics["scaling/peak_rss_mib"]) <= peak_rss_bytes() / 2**20
+    module.validations = 0
+    trainer.validate(module, loader(regression_dataset(8, seed=1), 4), verbose=False)
+    assert len(callback.curve) == 3  # a validation outside fit is not a point of the training curve
 
 
 def test_target_not_reached_and_no_reference():
