@@ -8,6 +8,7 @@ from lightning_dl.strategies.compressed import CompressedDDPStrategy
 from lightning_dl.strategies.deepspeed_cpu import DeepSpeedCPUStrategy
 from lightning_dl.strategies.diloco import DiLoCoStrategy
 from lightning_dl.strategies.hogwild import HogwildStrategy
+from lightning_dl.strategies.hybrid import HybridStrategy
 from lightning_dl.strategies.local_sgd import LocalSGDStrategy
 from lightning_dl.strategies.pipeline import PipelineStrategy
 from lightning_dl.strategies.tensor_parallel import TensorParallelStrategy
@@ -18,6 +19,7 @@ __all__ = [
     "DeepSpeedCPUStrategy",
     "DiLoCoStrategy",
     "HogwildStrategy",
+    "HybridStrategy",
     "LocalSGDStrategy",
     "PipelineStrategy",
     "TensorParallelStrategy",
@@ -32,5 +34,6 @@ for _strategy in (
     DeepSpeedCPUStrategy,
     PipelineStrategy,
     TensorParallelStrategy,
+    HybridStrategy,
 ):
     _strategy.register_strategies(StrategyRegistry)
