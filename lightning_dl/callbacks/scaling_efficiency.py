@@ -72,7 +72,7 @@ class ScalingReport:
     global_batch_size: int
     """Samples per optimizer step over all data-parallel replicas (``per-device × accumulation × dp``)."""
     steps_measured: int
-    """Optimizer steps after the warm-up that the step time averages over."""
+    """Optimizer steps after the warm-up (of every fit, resumed ones included) that the step time averages over."""
     step_seconds: float
     """T_N: mean wall time of a measured optimizer step, the slowest rank's (a synchronous step waits for it)."""
     step_seconds_median: float
@@ -101,7 +101,8 @@ class ScalingEfficiency(Callback):
     Per optimizer step it takes the wall time from the first batch's ``on_train_batch_start`` to the last batch's
     ``on_train_batch_end`` (forward, backward, communication and the optimizer step; data loading between batches
     and validation are not counted; with ``accumulate_grad_batches`` the batches of one step are summed). The first
-    ``warmup_steps`` steps are left out of ``T_N`` (one-off costs: allocator growth, first collectives). At every
+    ``warmup_steps`` steps of every fit are left out of ``T_N`` (one-off costs: allocator growth, first collectives;
+    a fit resumed from a checkpoint, usually in a new process, pays them again). At every
     validation it records the monitored value averaged over the ranks against the training seconds so far (the
     slowest rank's), and the time at which it first reached ``target``. When training ends every rank's mean step
     time and peak RSS are gathered (a collective where a process group exists) and :attr:`report` holds the
@@ -112,7 +113,7 @@ class ScalingEfficiency(Callback):
     (after the warm-up) and this rank's ``scaling/peak_rss_mib`` so far.
 
     Args:
-        warmup_steps: optimizer steps left out of the step time.
+        warmup_steps: optimizer steps at the start of every fit left out of the step time.
         target: the monitored validation value to reach (a loss: reached when ``value <= target``).
         monitor: the logged validation metric to follow.
         reference_step_seconds: T_1, the one-process step time, for ``E_N``.
@@ -158,9 +159,16 @@ class ScalingEfficiency(Callback):
         self.curve: list[tuple[int, float, float]] = []
         self.seconds_to_target: float | None = None
         self.report: ScalingReport | None = None
+        self.warmup_indices: list[int] = []
+        """Indices in :attr:`step_seconds` of the warm-up steps of every fit (a resumed fit warms up again)."""
         self._start: float | None = None
         self._pending = 0.0
         self._step_at_start = 0
+        self._steps_this_fit = 0
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._steps_this_fit = 0
 
     @override
     def on_train_batch_start(
@@ -183,7 +191,10 @@ class ScalingEfficiency(Callback):
             return
         self.step_seconds.append(self._pending)
         self._pending = 0.0
-        if len(self.step_seconds) > self.warmup_steps:
+        self._steps_this_fit += 1
+        if self._steps_this_fit <= self.warmup_steps:
+            self.warmup_indices.append(len(self.step_seconds) - 1)
+        else:
             samples = batch_geometry(trainer, self.batch_size).effective
             if writes_logs(trainer, trainer.global_step):
                 for name, value in (
@@ -210,7 +221,8 @@ class ScalingEfficiency(Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        measured = self.step_seconds[self.warmup_steps :]
+        warm = set(self.warmup_indices)
+        measured = [s for i, s in enumerate(self.step_seconds) if i not in warm]
         mean = sum(measured) / len(measured) if measured else math.nan
         median = float(torch.tensor(measured).median()) if measured else math.nan
         ranks = gather_floats([mean, median, float(peak_rss_bytes())])
@@ -239,6 +251,7 @@ class ScalingEfficiency(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "step_seconds": list(self.step_seconds),
+            "warmup_indices": list(self.warmup_indices),
             "train_seconds": self.train_seconds,
             "curve": list(self.curve),
             "seconds_to_target": self.seconds_to_target,
@@ -247,6 +260,7 @@ class ScalingEfficiency(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step_seconds = list(state_dict["step_seconds"])
+        self.warmup_indices = list(state_dict["warmup_indices"])
         self.train_seconds = float(state_dict["train_seconds"])
         self.curve = [tuple(point) for point in state_dict["curve"]]
         self.seconds_to_target = state_dict["seconds_to_target"]

@@ -150,8 +150,9 @@ def test_resume_continues_the_measurement(tmp_path):
     trainer = quiet_trainer(max_epochs=2, callbacks=[resumed])
     trainer.fit(module, loader(regression_dataset(8), 4), loader(regression_dataset(8, seed=1), 4), ckpt_path=path)
     assert resumed.step_seconds == pytest.approx([1.0, 2.0, 4.0, 8.0])
+    assert resumed.warmup_indices == [0, 2]  # the resumed fit warms up again
     assert resumed.seconds_to_target == pytest.approx(3.0)  # reached before the interruption, kept
-    assert resumed.report is not None and resumed.report.step_seconds == pytest.approx((2.0 + 4.0 + 8.0) / 3)
+    assert resumed.report is not None and resumed.report.step_seconds == pytest.approx((2.0 + 8.0) / 2)
     assert [point[:2] for point in resumed.report.curve] == [(2, 3.0), (4, 15.0)]
 
 
