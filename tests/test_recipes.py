@@ -133,7 +133,7 @@ CHECKS: dict[str, Callable[[Path, subprocess.CompletedProcess], None]] = {
 EXTRA_ARGS: dict[str, tuple[str, ...]] = {
     "digits": ("--model.optimizer=lamb", "--model.lr=0.01", "--model.norm=layer", "--model.init=he_normal"),
 }
-MULTI_PROCESS = {"async", "comm", "pipeline"}
+MULTI_PROCESS = {"async", "comm", "pipeline", "scaling", "tensor-parallel", "too-big"}
 
 
 def test_every_recipe_declares_quick_arguments() -> None:
