@@ -275,7 +275,7 @@ class HybridStrategy(PipelineStrategy):
         with torch.no_grad():
             for key, value in own.items():
                 if key in checkpoint["state_dict"]:
-                    _local(value).copy_(_shard_like(checkpoint["state_dict"][key], value))
+                    _local(value).copy_(_local(_shard_like(checkpoint["state_dict"][key], value)))
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:

@@ -25,7 +25,7 @@ from tests.helpers.distributed import run_distributed
 from tests.helpers.trainer import quiet_trainer
 from tests.strategies.test_pipeline import PipeNet
 
-BATCH, M, STEPS, SAMPLES = 8, 4, 3, 48
+BATCH, M, STEPS = 8, 4, 3
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 CLIP = 0.5
 
@@ -39,9 +39,10 @@ def _module() -> LanguageModelModule:
     )
 
 
-def _data() -> TensorDataset:
+def _data(dp: int) -> TensorDataset:
+    """One epoch is ``STEPS`` optimizer steps."""
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 16, (SAMPLES, 9), generator=g)
+    tokens = torch.randint(0, 16, (STEPS * BATCH * dp, 9), generator=g)
     return TensorDataset(tokens[:, :-1], tokens[:, 1:])
 
 
@@ -63,11 +64,20 @@ class Record(Callback):
         self.grads.append({n: _full(p.grad) for n, p in pl_module.named_parameters() if p.grad is not None})
 
 
-def _trainer(record: Record, **kwargs):
+class Restored(Callback):
+    """The whole model and optimizer state as the first batch after a restore starts (gathered: a collective)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not hasattr(self, "state"):
+            self.state = {k: _full(v) for k, v in pl_module.state_dict().items()}
+            self.optimizer = trainer.strategy.optimizer_state(trainer.optimizers[0])
+
+
+def _trainer(record: Record, max_steps: int = STEPS, **kwargs):
     return quiet_trainer(
-        max_steps=STEPS,
+        max_steps=max_steps,
         gradient_clip_val=CLIP,
-        callbacks=[LRSchedule("cosine", warmup_steps=1, log=False), record],
+        callbacks=[LRSchedule("cosine", warmup_steps=1, total_steps=STEPS + 2, log=False), record],
         **kwargs,
     )
 
@@ -75,14 +85,15 @@ def _trainer(record: Record, **kwargs):
 def _reference(dp: int) -> dict:
     """One process: the global batch of step k is batch k of every dp replica's DistributedSampler shard (Lightning
     shuffles training data with seed 0)."""
-    order = torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(0)).tolist()
+    order = torch.randperm(STEPS * BATCH * dp, generator=torch.Generator().manual_seed(0)).tolist()
     shards = [order[r::dp] for r in range(dp)]
     indices = [i for k in range(STEPS) for r in range(dp) for i in shards[r][k * BATCH : (k + 1) * BATCH]]
     if dp == 1:  # no DistributedSampler: the loader's own order
         indices = list(range(STEPS * BATCH))
     module, record = _module(), Record()
     trainer = _trainer(record, accumulate_grad_batches=dp * M)
-    trainer.fit(module, DataLoader(Subset(_data(), indices), batch_size=BATCH // M))
+    loader = DataLoader(Subset(_data(dp), indices), batch_size=BATCH // M)
+    trainer.fit(module, loader)
     k = dp * M
     losses = torch.stack(record.losses).view(-1, k).mean(dim=1) * k
     return {"losses": losses, "grads": record.grads, "state": module.state_dict(), "optimizer": trainer.optimizers}
@@ -93,9 +104,17 @@ def _hybrid(rank: int, world_size: int, tmp: str, layout: str | None) -> dict:
     strategy = HybridStrategy(layout=layout, n_microbatches=M)
     dp = ParallelLayout.parse(layout).dp if layout else 1
     trainer = _trainer(record, devices=world_size, strategy=strategy, use_distributed_sampler=dp > 1)
-    trainer.fit(module, DataLoader(_data(), batch_size=BATCH, drop_last=True))
+    loader = DataLoader(_data(dp), batch_size=BATCH, drop_last=True)
+    trainer.fit(module, loader)
     trainer.save_checkpoint(str(Path(tmp) / "hybrid.ckpt"))  # collective: the whole model on rank 0
+    resumed_state = None
+    if layout is None:  # the checkpoint loads back into the shards and stages of the same layout
+        peek = Restored()
+        again = _trainer(peek, STEPS + 1, devices=world_size, strategy=HybridStrategy(n_microbatches=M))
+        again.fit(_module(), loader, ckpt_path=str(Path(tmp) / "hybrid.ckpt"))
+        resumed_state = {"state": peek.state, "optimizer": peek.optimizer}
     return {
+        "resumed": resumed_state,
         "layout": str(strategy.layout),
         "losses": torch.stack(record.losses),
         "grads": record.grads,
@@ -149,6 +168,14 @@ def test_tp2_pp2_chosen_for_four_devices_matches_one_process(tmp_path: Path) -> 
     expected = _reference(dp=1)
     _check(results, expected, "dp1,tp2,pp2", tp=2)
     _check_checkpoint(tmp_path / "hybrid.ckpt", expected)
+    checkpoint = torch.load(tmp_path / "hybrid.ckpt", weights_only=False)
+    for rank, got in enumerate(results):  # restored under tp2 x pp2: every shard and stage holds the checkpoint
+        for key, value in got["resumed"]["state"].items():
+            assert torch.equal(value, checkpoint["state_dict"][key]), f"rank {rank} {key}"
+    saved, restored = checkpoint["optimizer_states"][0]["state"], results[0]["resumed"]["optimizer"]["state"]
+    assert set(restored) == set(saved)
+    for index, state in saved.items():
+        assert torch.equal(restored[index]["momentum_buffer"], state["momentum_buffer"]), index
 
 
 @pytest.mark.distributed
