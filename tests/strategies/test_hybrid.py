@@ -226,3 +226,16 @@ def test_constructor_errors() -> None:
         HybridStrategy(layout="dp2,xx3")
     with pytest.raises(ValueError, match=r"`dp_shard=True` \(FSDP2 over dp\) is not composed"):
         HybridStrategy(layout="dp2,pp2", dp_shard=True)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_spawned_fit_hands_the_whole_trained_model_to_the_calling_process() -> None:
+    module = _module()
+    strategy = HybridStrategy(layout="tp2,pp2", n_microbatches=M)
+    trainer = _trainer(Record(), devices=4, strategy=strategy, use_distributed_sampler=False)
+    trainer.fit(module, DataLoader(_data(1), batch_size=BATCH, drop_last=True))
+    expected = _reference(dp=1)["state"]
+    assert not any(isinstance(v, DTensor) for v in module.state_dict().values())
+    for key, value in module.state_dict().items():
+        _close(value, expected[key], key)
