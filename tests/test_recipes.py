@@ -119,6 +119,26 @@ def check_charlm(cwd: Path, result: subprocess.CompletedProcess) -> None:
     assert float(report["test loss"]) < 0.5 and float(report["test seq acc"]) > 0.3
 
 
+def check_scaling(cwd: Path, result: subprocess.CompletedProcess) -> None:
+    """1 process and pp2 read the same batches: equal validation curves; E_1 = 1; one RSS per rank."""
+    out = cwd / "runs" / "scaling"
+    assert len((out / "scaling.md").read_text().splitlines()) == 4
+    assert (out / "scaling.png").read_bytes()[:4] == PNG
+    one, pp2 = json.loads((out / "scaling.json").read_text())["layouts"]
+    assert one["efficiency"] == 1.0 and [len(one["peak_rss_bytes"]), len(pp2["peak_rss_bytes"])] == [1, 2]
+    assert [s for s, _, _ in one["curve"]] == [s for s, _, _ in pp2["curve"]]
+    assert max(abs(a[2] - b[2]) for a, b in zip(one["curve"], pp2["curve"], strict=True)) < 1e-4
+
+
+def check_too_big(cwd: Path, result: subprocess.CompletedProcess) -> None:
+    """Each pp rank holds its own blocks, together the whole model, with Adam state twice its weights."""
+    report = json.loads((cwd / "runs" / "too_big" / "too_big.json").read_text())
+    ranks = report["pipeline"]
+    assert sorted(b for r in ranks for b in r["blocks"]) == list(range(3))
+    assert sum(r["parameter_bytes"] for r in ranks) == report["parameter_bytes"]
+    assert all(r["adam_state_bytes"] == 2 * r["parameter_bytes"] for r in ranks)
+
+
 CHECKS: dict[str, Callable[[Path, subprocess.CompletedProcess], None]] = {
     "digits": check_digits,
     "large-batch": check_large_batch,
@@ -129,6 +149,8 @@ CHECKS: dict[str, Callable[[Path, subprocess.CompletedProcess], None]] = {
     "charlm": check_charlm,
     "comm": check_comm,
     "pipeline": _check_report("pipeline"),
+    "scaling": check_scaling,
+    "too-big": check_too_big,
 }
 EXTRA_ARGS: dict[str, tuple[str, ...]] = {
     "digits": ("--model.optimizer=lamb", "--model.lr=0.01", "--model.norm=layer", "--model.init=he_normal"),
