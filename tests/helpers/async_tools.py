@@ -51,6 +51,25 @@ class WaitFor(L.Callback):
             time.sleep(0.05)
 
 
+class AwaitDeath(L.Callback):
+    """On the rank-0 server, once the file ``mark`` exists (``KillRank`` writes it just before the kill), waits at
+    most ``timeout`` s until its worker watch has marked a worker dead, so that the rest of the run provably goes on
+    without it (on a fast machine the survivors could otherwise finish the budget before the watch's next ping)."""
+
+    def __init__(self, mark: str, timeout: float = 30.0) -> None:
+        self.mark, self.timeout = mark, timeout
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        server = getattr(trainer.strategy, "_server", None)
+        if trainer.global_rank != 0 or server is None or not os.path.exists(self.mark):
+            return
+        deadline = time.monotonic() + self.timeout
+        while not any(w.dead for w in server.workers):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server's watch marked no worker dead within {self.timeout} s of the kill")
+            time.sleep(0.05)
+
+
 class ServerAudit(L.Callback):
     """On the rank-0 server, puts its counts in ``callback_metrics`` (they come back to the calling process)."""
 

@@ -14,7 +14,7 @@ from lightning_dl.data import DigitsDataModule
 from lightning_dl.modules import ClassifierModule
 from lightning_dl.strategies import AsyncSGDStrategy, HogwildStrategy
 from lightning_dl.strategies._launcher import ProcessDiedError
-from tests.helpers.async_tools import HogwildAudit, KillRank, ServerAudit
+from tests.helpers.async_tools import AwaitDeath, HogwildAudit, KillRank, ServerAudit
 from tests.helpers.models import TinyRegressor, regression_dataset, tiny_net
 from tests.helpers.trainer import loader, quiet_trainer
 
@@ -90,9 +90,13 @@ def test_three_processes_learn_digits(strategy):
     assert metrics["val_loss"] < 0.8 and metrics["val_acc"] > 0.85
 
 
-def test_a_killed_worker_does_not_stop_the_run():
+def test_a_killed_worker_does_not_stop_the_run(tmp_path):
+    mark = str(tmp_path / "killed")
     trainer = _digits(
-        AsyncSGDStrategy(timeout=60), devices=4, max_steps=60, callbacks=[KillRank(3, after=5), ServerAudit()]
+        AsyncSGDStrategy(timeout=60),
+        devices=4,
+        max_steps=60,
+        callbacks=[KillRank(3, after=5, mark=mark), AwaitDeath(mark), ServerAudit()],
     )
     metrics = trainer.callback_metrics
     assert metrics["audit/dead"] == 1
