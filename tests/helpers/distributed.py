@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -47,9 +48,19 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, tmp: str, args: 
     except BaseException:
         (Path(tmp) / f"error_{rank}.txt").write_text(f"{time.time()}\n{traceback.format_exc()}")
         raise
+    else:
+        _leave_together()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _leave_together(timeout: float = 10.0) -> None:
+    """Wait (at most ``timeout`` s) for the other ranks before leaving the group: a rank that destroys its group and
+    exits while a peer's gloo threads still talk to it can abort that peer (SIGABRT, "terminate called without an
+    active exception") after its work is done. A peer that died or failed only shortens the wait."""
+    with contextlib.suppress(RuntimeError):  # a failed or dead peer: its own error is what the test reports
+        dist.monitored_barrier(timeout=timedelta(seconds=timeout))
 
 
 def _failure_report(tmp: Path, world_size: int) -> str:
