@@ -125,38 +125,59 @@ def _raw(rank: int, cfg: dict, name: str) -> float:
     return statistics.median(times[cfg["warmup"] :])
 
 
+def _ours(cfg: dict, name: str) -> tuple[float, PipelineStrategy, L.LightningModule]:
+    """PipelineStrategy in a Lightning Trainer: the median step time (batch start to batch end, Lightning's loop
+    included), the strategy (its timeline) and the module."""
+    timer = StepTimer()
+    module = BenchNet(cfg["dim"], cfg["blocks"])
+    strategy = PipelineStrategy(schedule=name, n_microbatches=cfg["m"], record_timeline=True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=strategy,
+        max_steps=cfg["warmup"] + cfg["steps"],
+        callbacks=[timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, DataLoader(make_batches(cfg), batch_size=None))
+    return statistics.median(timer.times[cfg["warmup"] :]), strategy, module
+
+
 def _both(rank: int, cfg: dict) -> dict:
-    """Per schedule, raw torch then ours in the same processes, so both meet the same machine load."""
-    out: dict[str, Any] = {"raw_step_s": {}, "step_s": {}, "bubble": {}, "one_process_step_s": {}}
-    for name in ("1f1b", *(s for s in cfg["schedules"] if s != "1f1b")):  # 1f1b first: its memory is reported
-        # the baseline right before each schedule (rank 0 alone, rank 1 waits): the machine's load drifts
-        if rank == 0:
-            out["one_process_step_s"][name] = _one_process(cfg)["step_s"]
-        dist.barrier()
-        timer = StepTimer()
-        module = BenchNet(cfg["dim"], cfg["blocks"])
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=WORLD,
-            strategy=PipelineStrategy(schedule=name, n_microbatches=cfg["m"], record_timeline=True),
-            max_steps=cfg["warmup"] + cfg["steps"],
-            callbacks=[timer],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-        )
-        trainer.fit(module, DataLoader(make_batches(cfg), batch_size=None))
-        if name == "1f1b":
-            out["param_bytes"] = sum(p.numel() * p.element_size() for p in module.parameters())
-            out["peak_rss_mib"] = peak_rss_mib()
-        out["raw_step_s"][name] = _raw(rank, cfg, name)
-        out["step_s"][name] = statistics.median(timer.times[cfg["warmup"] :])
-        events = [e for e in trainer.strategy.gather_timeline() if e.step >= cfg["warmup"]]  # type: ignore[attr-defined]
-        out["bubble"][name] = bubble_fraction(events)
-        if name == "1f1b":
-            out["timeline"] = events
+    """``rounds`` rounds over the schedules; in each, one process (rank 0 alone), raw torch and ours run back to back
+    in the same processes (their order alternating between rounds), so that all three meet the same machine load.
+    The medians over rounds are reported, and the ratio ours/raw is the median of the per-round ratios."""
+    names = ["1f1b", *(s for s in cfg["schedules"] if s != "1f1b")]  # 1f1b first: its memory is reported
+    rounds: list[dict[str, dict[str, float]]] = []
+    out: dict[str, Any] = {"bubble": {}}
+    for index in range(cfg["rounds"]):
+        this: dict[str, dict[str, float]] = {"one": {}, "raw": {}, "ours": {}}
+        for name in names:
+            if rank == 0:
+                this["one"][name] = _one_process(cfg)["step_s"]
+            dist.barrier()
+            for contender in ("raw", "ours") if index % 2 == 0 else ("ours", "raw"):
+                if contender == "raw":
+                    this["raw"][name] = _raw(rank, cfg, name)
+                    continue
+                this["ours"][name], strategy, module = _ours(cfg, name)
+                if index == 0:  # the bubble and the memory from the first round's runs
+                    events = [e for e in strategy.gather_timeline() if e.step >= cfg["warmup"]]
+                    out["bubble"][name] = bubble_fraction(events)
+                    if name == "1f1b":
+                        out["timeline"] = events
+                        out["param_bytes"] = sum(p.numel() * p.element_size() for p in module.parameters())
+                        out["peak_rss_mib"] = peak_rss_mib()
+        rounds.append(this)
+    out["rounds"] = rounds
+    timed = ("one", "raw", "ours") if rank == 0 else ("raw", "ours")  # one process runs on rank 0 only
+    for key in timed:
+        out[key] = {n: statistics.median(r[key][n] for r in rounds) for n in names}
+    out["ours_over_raw"] = {n: statistics.median(r["raw"][n] / r["ours"][n] for r in rounds) for n in names}
     return out
 
 
@@ -190,39 +211,44 @@ def _one_process_worker(_: int, cfg: dict, tmp: str) -> None:
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration (after 2 warmup steps)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all schedules; medians are reported")
     args = parser.parse_args()
     bench = Bench("pipeline", args)
-    cfg = {"dim": 1024, "blocks": 8, "batch": 1024, "m": 4, "warmup": 2, "steps": args.steps}
+    cfg = {"dim": 1024, "blocks": 8, "batch": 1024, "m": 4, "warmup": 2, "steps": args.steps, "rounds": args.rounds}
     cfg["schedules"] = list(SCHEDULES)
     if bench.quick:  # one schedule of each placement
-        cfg.update(dim=32, batch=16, warmup=1, steps=2, schedules=["1f1b", "zbv_zero_bubble"])
+        cfg.update(dim=32, batch=16, warmup=1, steps=2, rounds=2, schedules=["1f1b", "zbv_zero_bubble"])
     with tempfile.TemporaryDirectory() as tmp:  # its own process, for its own peak RSS
         mp.spawn(_one_process_worker, args=(cfg, tmp), nprocs=1, join=True)
         single = torch.load(Path(tmp) / "single.pt", weights_only=False)
     ours_ranks = run(cfg)
     ours = ours_ranks[0]
-    raw = ours["raw_step_s"]
-    baseline = ours["one_process_step_s"]
+    raw, baseline = ours["raw"], ours["one"]
     bound = 2 * cfg["m"] / (cfg["m"] + 1)
     rows = {}
-    print(f"bubble bound on 2 stages: {bound:.2f}x; speedups against one process timed just before each schedule")
+    print(
+        f"bubble bound on 2 stages: {bound:.2f}x; medians of {cfg['rounds']} rounds, each timing one process, raw "
+        "torch and ours back to back per schedule; ours/raw is the median of the per-round ratios"
+    )
     print(f"{'schedule':<24}{'1 proc ms':>10}{'raw torch':>11}{'ours':>9}{'ours/raw':>10}{'of bound':>10}{'bubble':>9}")
     for name in cfg["schedules"]:
         raw_speedup = baseline[name] / raw[name]
-        ours_speedup = baseline[name] / ours["step_s"][name]
+        ours_speedup = baseline[name] / ours["ours"][name]
+        ratio = ours["ours_over_raw"][name]
         rows[name] = {
             "one_process_step_s": baseline[name],
             "raw_step_s": raw[name],
-            "ours_step_s": ours["step_s"][name],
+            "ours_step_s": ours["ours"][name],
             "raw_speedup": raw_speedup,
             "ours_speedup": ours_speedup,
-            "ours_over_raw": ours_speedup / raw_speedup,
+            "ours_over_raw": ratio,
+            "rounds": {k: [r[k][name] for r in ours["rounds"]] for k in ("one", "raw", "ours")},
             "ours_fraction_of_bound": ours_speedup / bound,
             "measured_bubble": ours["bubble"][name],
         }
         print(
             f"{name:<24}{baseline[name] * 1e3:>10.0f}{raw_speedup:>10.2f}x{ours_speedup:>8.2f}x"
-            f"{ours_speedup / raw_speedup:>10.2f}{ours_speedup / bound:>10.0%}{ours['bubble'][name]:>9.1%}"
+            f"{ratio:>10.2f}{ours_speedup / bound:>10.0%}{ours['bubble'][name]:>9.1%}"
         )
     memory = {
         "one_process": {"param_bytes": single["param_bytes"], "peak_rss_mib": single["peak_rss_mib"]},
