@@ -1,0 +1,525 @@
+"""Sharded checkpoints keyed by the plain module's names, so that a checkpoint written under one parallel layout
+loads under any other (pipeline stages, DTensor shards, FSDP2, replicas, one process), and a converter between
+that sharded folder and Lightning's one-file checkpoint that needs no model code. Torch only.
+
+On disk a sharded checkpoint is the folder Lightning's ``ModelParallelStrategy`` writes, read by
+``torch.distributed.checkpoint`` (DCP):
+
+``<path>/.metadata``, ``<path>/__<rank>_<n>.distcp``
+    DCP's index and data. Keys: ``state_dict.<name>`` for every entry of the whole module's ``state_dict()``;
+    ``optimizer_<i>.state.<param name>.<key>`` (``exp_avg``, ``step``, ``momentum_buffer``...) for optimizer ``i``;
+    ``optimizer_<i>.param_groups.<g>.<hyper-parameter>`` with ``params``: the names of group ``g``'s parameters in
+    the whole model's optimizer order. A tensor is stored once, whatever the layout that wrote it (DCP keeps one copy
+    of replicated entries and the chunks of sharded ones), and read back cut to the reader's own layout.
+``<path>/meta.pt``
+    ``torch.save`` of the rest of Lightning's checkpoint dict (``epoch``, ``global_step``, ``loops``, ``callbacks``,
+    ``lr_schedulers``, ``hyper_parameters``...), plus ``"lightning_dl": {"format": FORMAT, "state_dict_keys": [...]}``
+    (the whole model's key order). Written last: a folder without it is no checkpoint.
+
+Optimizer state is keyed by parameter name, so it does not depend on which rank held which parameter. A folder
+converted from a one-file checkpoint that carries no names (``"optimizer_param_names"``, written by :func:`to_full`)
+keys it by the whole model's flat index instead (``params`` are integers); loading it under a split layout then needs
+``optimizer_names``, the whole model's parameter names per param group.
+
+API:
+
+- :func:`save_sharded` (a collective) and :func:`load_sharded` (each rank reads only what it holds);
+- :func:`is_sharded`, :func:`read_extra`;
+- :func:`to_full` (one process: the folder as Lightning's one-process dict), :func:`to_sharded` (one process: a
+  one-file dict as a folder), :func:`convert` (file or folder to file or folder, never a half-written output; built
+  from :func:`read_checkpoint` and :func:`write_checkpoint`);
+- :func:`add_cli` and :func:`cli_convert`: the ``lightning-dl checkpoint convert IN OUT --to full|sharded`` command.
+
+Example (one process; under a layout every rank makes the same calls)::
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    >>> opt = torch.optim.Adam(model.parameters())
+    >>> model(torch.ones(1, 2)).sum().backward(); opt.step()
+    >>> folder = tempfile.mkdtemp() + "/ckpt"
+    >>> save_sharded(folder, model, [opt], {"global_step": 1})
+    >>> is_sharded(folder), sorted(to_full(folder))
+    (True, ['global_step', 'optimizer_param_names', 'optimizer_states', 'state_dict'])
+    >>> other = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    >>> other_opt = torch.optim.Adam(other.parameters())
+    >>> load_sharded(folder, other, [other_opt])["global_step"]
+    1
+    >>> torch.equal(other[1].weight, model[1].weight), other_opt.state_dict()["state"][0]["step"].item()
+    (True, 1.0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
+
+FORMAT = "lightning_dl.sharded/1"
+META_FILE = "meta.pt"
+"""The file of the non-tensor rest (the name Lightning's ``ModelParallelStrategy`` uses)."""
+NAMES_KEY = "optimizer_param_names"
+"""Key of a one-file checkpoint holding, per optimizer, the parameter names of each param group."""
+TENSOR_KEYS = ("state_dict", "optimizer_states", NAMES_KEY)
+"""Keys of a one-file checkpoint that the sharded folder stores as DCP entries, not in ``meta.pt``."""
+FORMATS = ("full", "sharded")
+_ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+def _dcp_save(state: dict[str, Any], path: Path, group: dist.ProcessGroup | None = None, *, one: bool = False) -> None:
+    with warnings.catch_warnings():  # one process is meant: DCP's warning says so
+        warnings.filterwarnings("ignore", message=_ONE_PROCESS)
+        dcp.save(state, checkpoint_id=path, process_group=group, no_dist=one or not dist.is_initialized())
+
+
+def _dcp_load(state: dict[str, Any], path: Path, group: dist.ProcessGroup | None = None, *, one: bool = False) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_ONE_PROCESS)
+        dcp.load(state, checkpoint_id=path, process_group=group, no_dist=one or not dist.is_initialized())
+
+
+GroupNames = list[list[Any]]
+"""Parameter names (or flat indices) of each param group of one optimizer, in order."""
+
+
+def is_sharded(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sharded checkpoint folder (DCP's ``.metadata`` and ``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / META_FILE).is_file()
+
+
+def optimizer_names(optimizer: Optimizer, module: nn.Module) -> GroupNames:
+    """Names in ``module`` of each param group's parameters, in the optimizer's order.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> optimizer_names(torch.optim.SGD([{"params": net[1].parameters()}, {"params": net[0].parameters()}]), net)
+        [['1.weight', '1.bias'], ['0.weight', '0.bias']]
+    """
+    names = {id(p): n for n, p in module.named_parameters()}
+    missing = [i for group in optimizer.param_groups for i, p in enumerate(group["params"]) if id(p) not in names]
+    if missing:
+        raise ValueError(f"the optimizer holds {len(missing)} parameters that are not parameters of the module.")
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+# --- save ---------------------------------------------------------------------------------------------------------
+def save_sharded(
+    path: str | os.PathLike,
+    module: nn.Module,
+    optimizers: Sequence[Optimizer] = (),
+    extra: Mapping[str, Any] | None = None,
+    *,
+    optimizer_names: Sequence[GroupNames] | None = None,
+    state_dict_keys: Sequence[str] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """Write this rank's part of ``module`` and ``optimizers`` into the folder ``path``; every rank of ``group``
+    (default: the world) calls it with its own part, the same ``path``, and its optimizers in the same order.
+
+    Args:
+        path: the folder (created; a file or an earlier checkpoint folder there is replaced; any other folder
+            that is not empty is an error).
+        module: the rank's module: a pipeline stage with whole-model names, DTensor shards, FSDP2, or the whole model.
+        optimizers: the rank's optimizers over ``module``'s parameters (Lightning's wrappers are unwrapped).
+        extra: the non-tensor rest of Lightning's checkpoint dict; rank 0's is saved (``state_dict`` and
+            ``optimizer_states`` in it are ignored: the tensors come from ``module`` and ``optimizers``).
+        optimizer_names: per optimizer, the whole model's parameter names per param group in the single-process
+            order; default: every rank's names concatenated in rank order (right when stages follow rank order).
+        state_dict_keys: the whole model's ``state_dict`` keys in order; default: gathered in rank order.
+    """
+    path = Path(path)
+    optimizers = [_unwrap(o) for o in optimizers]
+    distributed = dist.is_initialized()
+    rank = dist.get_rank(group) if distributed else 0
+    local_keys = list(module.state_dict())
+    local_groups = [_local_groups(o, module) for o in optimizers]
+    mine = (local_keys, local_groups)
+    parts: list[Any] = [mine]
+    if distributed and dist.get_world_size(group) > 1:
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, mine, group=group)
+    keys = list(state_dict_keys) if state_dict_keys is not None else _merge_names(p[0] for p in parts)
+    whole = [_merge_groups([p[1][i] for p in parts], optimizer_names, i) for i in range(len(optimizers))]
+    if path.is_dir() and not (path / ".metadata").is_file() and any(path.iterdir()):
+        raise FileExistsError(
+            f"`path='{path}'` is a folder that holds no checkpoint: give a new path or a checkpoint's."
+        )
+    if distributed:
+        dist.barrier(group=group)  # every rank looked before rank 0 clears the way
+    if rank == 0:
+        if path.is_dir():  # an earlier checkpoint at this path: its files go, so none of them outlives this save
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        path.mkdir(parents=True)
+    if distributed:
+        dist.barrier(group=group)
+    state: dict[str, Any] = {"state_dict": module.state_dict()}
+    for index, (optimizer, groups) in enumerate(zip(optimizers, whole, strict=True)):
+        state[f"optimizer_{index}"] = {"state": _state_by_name(optimizer, module), "param_groups": groups}
+    _dcp_save(state, path, group)
+    if rank == 0:
+        rest = {k: v for k, v in (extra or {}).items() if k not in TENSOR_KEYS}
+        _write_meta(path, rest, keys)
+    if distributed:
+        dist.barrier(group=group)
+
+
+def _unwrap(optimizer: Any) -> Optimizer:
+    """The torch optimizer inside Lightning's ``LightningOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+def _local_groups(optimizer: Optimizer, module: nn.Module) -> list[dict[str, Any]]:
+    names = optimizer_names(optimizer, module)
+    return [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": n}
+        for g, n in zip(optimizer.param_groups, names, strict=True)
+    ]
+
+
+def _merge_names(lists: Any) -> list[Any]:
+    seen: dict[Any, None] = {}
+    for names in lists:
+        seen.update(dict.fromkeys(names))
+    return list(seen)
+
+
+def _merge_groups(per_rank: list[list[dict]], given: Sequence[GroupNames] | None, index: int) -> list[dict]:
+    """One optimizer's whole-model param groups from every rank's local ones (each rank has the same groups)."""
+    counts = {len(groups) for groups in per_rank}
+    if len(counts) != 1:
+        raise ValueError(
+            f"optimizer {index} has {sorted(counts)} param groups on different ranks: every rank's "
+            "configure_optimizers() must make the same groups (empty ones included)."
+        )
+    merged = []
+    for g in range(counts.pop()):
+        groups = [groups[g] for groups in per_rank]
+        hyper = next((x for x in groups if x["params"]), groups[0])
+        names = list(given[index][g]) if given is not None else _merge_names(x["params"] for x in groups)
+        merged.append({**{k: v for k, v in hyper.items() if k != "params"}, "params": names})
+    return merged
+
+
+def _state_by_name(optimizer: Optimizer, module: nn.Module) -> dict[str, dict[str, Any]]:
+    names = {id(p): n for n, p in module.named_parameters()}
+    return {names[id(p)]: dict(s) for p, s in optimizer.state.items() if s}
+
+
+def _write_meta(path: Path, rest: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """``meta.pt`` through a temporary name, so that it exists only complete."""
+    temporary = path / f".{META_FILE}.{uuid.uuid4().hex}"
+    torch.save({**rest, "lightning_dl": {"format": FORMAT, "state_dict_keys": list(keys)}}, temporary)
+    os.replace(temporary, path / META_FILE)
+
+
+# --- load ---------------------------------------------------------------------------------------------------------
+def read_extra(path: str | os.PathLike, *, weights_only: bool = False) -> dict[str, Any]:
+    """The non-tensor rest of a sharded checkpoint (``meta.pt`` without this module's own entry). It is a pickle
+    (hyper-parameters, callback states): read only checkpoints you trust, or pass ``weights_only=True``."""
+    path = Path(path)
+    if not is_sharded(path):
+        raise ValueError(f"`path='{path}'` is not a sharded checkpoint folder (it needs .metadata and {META_FILE}).")
+    meta = torch.load(path / META_FILE, map_location="cpu", weights_only=weights_only)
+    meta.pop("lightning_dl", None)
+    return meta
+
+
+def load_sharded(
+    path: str | os.PathLike,
+    module: nn.Module,
+    optimizers: Sequence[Optimizer] = (),
+    *,
+    optimizer_names: Sequence[GroupNames] | None = None,
+    strict: bool = True,
+    group: dist.ProcessGroup | None = None,
+    weights_only: bool = False,
+) -> dict[str, Any]:
+    """Load into this rank's ``module`` and ``optimizers`` the entries it holds, cut to its own layout (every rank
+    of ``group`` calls it); returns the non-tensor rest (epoch, loops, lr_schedulers...).
+
+    ``strict``: every ``state_dict`` entry the rank holds must be in the checkpoint. ``optimizer_names`` is needed
+    only for a folder whose optimizer state is keyed by flat index, under a layout where ranks hold parts of the
+    model (one process uses its own optimizer's order). Optimizers must be the ones the checkpoint was saved with
+    (same number of param groups); a parameter without saved state starts fresh.
+    """
+    path = Path(path)
+    extra = read_extra(path, weights_only=weights_only)
+    optimizers = [_unwrap(o) for o in optimizers]
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    own = module.state_dict()
+    missing = [k for k in own if f"state_dict.{k}" not in metadata]
+    if strict and missing:
+        raise KeyError(f"the checkpoint {path} lacks {missing[:5]} (of {len(missing)} entries this rank holds).")
+    params = dict(module.named_parameters())
+    state: dict[str, Any] = {f"state_dict.{k}": v for k, v in own.items() if k not in missing}
+    saved_groups: dict[str, Any] = {}
+    for index in range(len(optimizers)):
+        prefix = f"optimizer_{index}."
+        if not any(key.startswith(prefix) for key in metadata):
+            raise KeyError(f"the checkpoint {path} holds no state of optimizer {index} (saved with weights only?).")
+        saved_groups.update({k: None for k in metadata if k.startswith(prefix + "param_groups.")})
+    if saved_groups:  # first the param groups (small objects): they say which names the optimizer state is under
+        _dcp_load(saved_groups, path, group)
+    groups_by_optimizer = [
+        _read_groups(_select(saved_groups, f"optimizer_{i}.param_groups.")) for i in range(len(optimizers))
+    ]
+    targets: list[dict[str, str]] = []
+    for index, (optimizer, groups) in enumerate(zip(optimizers, groups_by_optimizer, strict=True)):
+        keys = _state_keys(optimizer, module, groups, optimizer_names, index)
+        targets.append(keys)
+        for name, saved in keys.items():
+            prefix = f"optimizer_{index}.state.{saved}."
+            for key, md in metadata.items():
+                if key.startswith(prefix) and "." not in key[len(prefix) :]:
+                    state[key] = _template(md, params[name])
+    _dcp_load(state, path, group)
+    module.load_state_dict({k: state[f"state_dict.{k}"] for k in own if k not in missing}, strict=False)
+    for index, (optimizer, groups, keys) in enumerate(zip(optimizers, groups_by_optimizer, targets, strict=True)):
+        _load_optimizer(optimizer, module, groups, keys, _select(state, f"optimizer_{index}.state."))
+    return extra
+
+
+def _select(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _read_groups(flat: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Param groups from their flattened entries ``<g>.<hyper-parameter>``."""
+    groups: dict[int, dict[str, Any]] = {}
+    for key, value in flat.items():
+        g, _, name = key.partition(".")
+        groups.setdefault(int(g), {})[name] = value
+    return [groups[g] for g in sorted(groups)]
+
+
+def _state_keys(
+    optimizer: Optimizer, module: nn.Module, groups: list[dict], given: Sequence[GroupNames] | None, index: int
+) -> dict[str, str]:
+    """For each of this rank's parameters in ``optimizer``: the name its state is saved under."""
+    local = [name for names in optimizer_names(optimizer, module) for name in names]
+    saved = [p for g in groups for p in g["params"]]
+    if not saved or isinstance(saved[0], str):
+        return {name: name for name in local}
+    # keyed by the whole model's flat index: map names to indices
+    if given is not None:
+        order = [name for names in given[index] for name in names]
+    elif not dist.is_initialized() or dist.get_world_size() == 1:
+        order = local
+    else:
+        raise ValueError(
+            f"optimizer {index}'s state in this checkpoint is keyed by flat index (converted from a file without "
+            "parameter names): pass `optimizer_names`, the whole model's parameter names per param group."
+        )
+    if len(order) != len(saved):
+        raise ValueError(
+            f"optimizer {index} of the checkpoint has {len(saved)} parameters, `optimizer_names` gives {len(order)}."
+        )
+    position = {name: i for i, name in enumerate(order)}
+    return {name: str(position[name]) for name in local}
+
+
+def _template(md: Any, param: torch.Tensor) -> Any:
+    """An empty tensor DCP can load an optimizer state entry into: laid out as ``param`` where it has its shape."""
+    if not isinstance(md, TensorStorageMetadata):
+        return None
+    if isinstance(param, DTensor) and tuple(md.size) == tuple(param.shape):
+        return torch.empty_like(param, dtype=md.properties.dtype)
+    return torch.empty(tuple(md.size), dtype=md.properties.dtype)
+
+
+def _load_optimizer(
+    optimizer: Optimizer, module: nn.Module, groups: list[dict], keys: Mapping[str, str], flat: Mapping[str, Any]
+) -> None:
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(groups)} param groups, this one {len(optimizer.param_groups)}: "
+            "they must be the same optimizer (configure_optimizers() unchanged)."
+        )
+    saved_group = {str(p): g for g, group in enumerate(groups) for p in group["params"]}
+    state: dict[int, dict[str, Any]] = {}
+    param_groups = []
+    flat_index = 0
+    for g, names in enumerate(optimizer_names(optimizer, module)):
+        source = groups[saved_group[keys[names[0]]]] if names else groups[g]
+        param_groups.append({**{k: v for k, v in source.items() if k != "params"}, "params": []})
+        for name in names:
+            entry = _select(flat, keys[name] + ".")
+            if entry:
+                state[flat_index] = entry
+            param_groups[-1]["params"].append(flat_index)
+            flat_index += 1
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+# --- one-process conversion ---------------------------------------------------------------------------------------
+def to_full(src: str | os.PathLike, *, weights_only: bool = False) -> dict[str, Any]:
+    """A sharded folder as Lightning's one-process checkpoint dict: ``state_dict`` of plain tensors in the whole
+    model's order, ``optimizer_states`` in the single-process format (parameters numbered in the whole model's
+    optimizer order), ``optimizer_param_names`` (the names of those numbers), and the rest. One process, no model."""
+    src = Path(src)
+    meta = torch.load(src / META_FILE, map_location="cpu", weights_only=weights_only) if is_sharded(src) else None
+    if meta is None:
+        raise ValueError(f"`src='{src}'` is not a sharded checkpoint folder (it needs .metadata and {META_FILE}).")
+    order = meta.pop("lightning_dl", {}).get("state_dict_keys", [])
+    metadata = dcp.FileSystemReader(str(src)).read_metadata().state_dict_metadata
+    state = {k: _empty(md) for k, md in metadata.items()}
+    _dcp_load(state, src, one=True)
+    model = _select(state, "state_dict.")
+    keys = [k for k in order if k in model] + [k for k in model if k not in order]
+    checkpoint: dict[str, Any] = {**meta, "state_dict": {k: model[k] for k in keys}}
+    optimizers = sorted({int(k.split(".")[0].removeprefix("optimizer_")) for k in state if k.startswith("optimizer_")})
+    states, names = [], []
+    for index in optimizers:
+        groups = _read_groups(_select(state, f"optimizer_{index}.param_groups."))
+        flat = _select(state, f"optimizer_{index}.state.")
+        order_of = [p for g in groups for p in g["params"]]
+        numbered, start = [], 0
+        for g in groups:
+            numbered.append({**g, "params": list(range(start, start + len(g["params"])))})
+            start += len(g["params"])
+        per_param = {i: _select(flat, f"{p}.") for i, p in enumerate(order_of)}
+        states.append({"state": {i: s for i, s in per_param.items() if s}, "param_groups": numbered})
+        names.append([list(g["params"]) for g in groups])
+    if optimizers:
+        checkpoint["optimizer_states"] = states
+        if all(isinstance(p, str) for n in names for g in n for p in g):
+            checkpoint[NAMES_KEY] = names
+    return checkpoint
+
+
+def _empty(md: Any) -> Any:
+    if isinstance(md, TensorStorageMetadata):
+        return torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    return None
+
+
+def to_sharded(checkpoint: Mapping[str, Any], dst: str | os.PathLike) -> None:
+    """Write a one-file checkpoint dict (Lightning's, or :func:`to_full`'s) as a sharded folder ``dst``, in one
+    process. Optimizer state is keyed by name where ``checkpoint`` has ``optimizer_param_names``, by flat index
+    otherwise."""
+    if "state_dict" not in checkpoint:
+        raise ValueError("the checkpoint dict has no 'state_dict': it is not a Lightning or lightning_dl checkpoint.")
+    names = checkpoint.get(NAMES_KEY)
+    state: dict[str, Any] = {"state_dict": dict(checkpoint["state_dict"])}
+    for index, optimizer in enumerate(checkpoint.get("optimizer_states", [])):
+        groups = optimizer["param_groups"]
+        number: dict[int, Any] = {i: i for g in groups for i in g["params"]}
+        if names is not None:
+            for g, group_names in zip(groups, names[index], strict=True):
+                number.update(zip(g["params"], group_names, strict=True))
+        state[f"optimizer_{index}"] = {
+            "state": {number[i]: dict(s) for i, s in optimizer["state"].items()},
+            "param_groups": [{**g, "params": [number[i] for i in g["params"]]} for g in groups],
+        }
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    _dcp_save(state, dst, one=True)
+    _write_meta(dst, {k: v for k, v in checkpoint.items() if k not in TENSOR_KEYS}, list(checkpoint["state_dict"]))
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: Literal["full", "sharded"]) -> Path:
+    """Convert the checkpoint ``src`` (one file or a sharded folder) into ``dst`` (``to="full"``: one file that
+    Lightning loads in one process; ``"sharded"``: a folder that loads under any layout). One process, no model
+    code. ``dst`` must not exist; it appears only complete (written under a temporary name, then renamed).
+    Checkpoints are pickles: convert only files you trust."""
+    check_target(dst, to)
+    return write_checkpoint(read_checkpoint(src), dst, to=to)
+
+
+def check_target(dst: str | os.PathLike, to: str, *, name: str = "dst") -> None:
+    """Raise when ``to`` is no format or ``dst`` exists (before anything is read)."""
+    if to not in FORMATS:
+        raise ValueError(f"`to={to!r}` must be one of {FORMATS}.")
+    if Path(dst).exists() or Path(dst).is_symlink():
+        raise FileExistsError(f"`{name}='{dst}'` exists already: give a new path (nothing is overwritten).")
+
+
+def read_checkpoint(src: str | os.PathLike, *, name: str = "src") -> dict[str, Any]:
+    """The one-process checkpoint dict of ``src``: a file's own, or a sharded folder's :func:`to_full`. Errors name
+    the argument ``name``."""
+    src = Path(src)
+    valid = "a file written by trainer.save_checkpoint or a sharded checkpoint folder"
+    if not src.exists():
+        raise FileNotFoundError(f"`{name}='{src}'` does not exist: give {valid}.")
+    if src.is_dir():
+        if not is_sharded(src):
+            raise ValueError(f"`{name}='{src}'` is a folder without .metadata and {META_FILE}, not {valid}.")
+        return to_full(src)
+    try:
+        checkpoint = torch.load(src, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(
+            f"`{name}='{src}'` is not a checkpoint torch can read ({type(err).__name__}); give {valid}."
+        ) from err
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise ValueError(f"`{name}='{src}'` holds no 'state_dict', so it is not {valid}.")
+    return dict(checkpoint)
+
+
+def write_checkpoint(checkpoint: Mapping[str, Any], dst: str | os.PathLike, *, to: str) -> Path:
+    """Write a one-process checkpoint dict as one file (``to="full"``) or a sharded folder; ``dst`` appears only
+    complete (written under a temporary name in the same folder, then renamed; removed on failure)."""
+    check_target(dst, to)
+    dst = Path(dst)
+    temporary = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        if to == "full":
+            torch.save(dict(checkpoint), temporary)
+        else:
+            to_sharded(checkpoint, temporary)
+        os.rename(temporary, dst)
+    except BaseException:
+        if temporary.is_dir():
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            temporary.unlink(missing_ok=True)
+        raise
+    return dst
+
+
+# --- the `lightning-dl checkpoint convert` command ----------------------------------------------------------------
+def add_cli(commands: Any) -> argparse.ArgumentParser:
+    """Add ``checkpoint convert IN OUT --to full|sharded`` to the ``lightning-dl`` subcommands; returns the
+    ``convert`` parser (for its errors)."""
+    checkpoint = commands.add_parser("checkpoint", help="convert checkpoints between one file and a sharded folder")
+    actions = checkpoint.add_subparsers(dest="checkpoint_command", metavar="convert", required=True)
+    parser = actions.add_parser(
+        "convert",
+        help="convert IN to OUT (--to full: one file for one process; --to sharded: a folder for any layout)",
+        description="Convert a checkpoint between Lightning's one-file format and the sharded folder that loads "
+        "under any parallel layout. One process, no model code needed. Checkpoints are pickles: convert only "
+        "files you trust.",
+    )
+    parser.add_argument("src", metavar="IN", help="a checkpoint file (trainer.save_checkpoint) or a sharded folder")
+    parser.add_argument("dst", metavar="OUT", help="the path to write; must not exist")
+    parser.add_argument("--to", required=True, choices=FORMATS, help="the format of OUT")
+    return parser
+
+
+def cli_convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run ``lightning-dl checkpoint convert``; bad input exits with code 2 and a message naming IN, OUT or --to."""
+    try:
+        check_target(args.dst, args.to, name="OUT")
+        checkpoint = read_checkpoint(args.src, name="IN")
+        write_checkpoint(checkpoint, args.dst, to=args.to)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        parser.error(str(err))
+    print(f"wrote {args.dst} ({args.to}) from {args.src}")
+    return 0

@@ -1,0 +1,176 @@
+"""Sharded checkpoints at torch level, in one process: round trips, conversions and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_dl.parallel.checkpoint import (
+    NAMES_KEY,
+    convert,
+    is_sharded,
+    load_sharded,
+    optimizer_names,
+    read_extra,
+    save_sharded,
+    to_full,
+    to_sharded,
+)
+
+STEPS = 3
+EXACT = {"rtol": 0.0, "atol": 0.0}  # Adam is elementwise: a shard's update is the whole update's slice, bit for bit
+
+
+def _model() -> nn.Sequential:
+    """Four blocks, each a Linear pair (TP splits the first column-wise, the second row-wise) and a BatchNorm."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        *(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8), nn.BatchNorm1d(8)) for _ in range(4))
+    )
+
+
+def _adam(module: nn.Module) -> torch.optim.Adam:
+    """Two param groups (weights; biases and norms) with their own learning rates."""
+    weights = [p for n, p in module.named_parameters() if n.endswith("weight") and p.dim() == 2]
+    others = [p for n, p in module.named_parameters() if not (n.endswith("weight") and p.dim() == 2)]
+    groups = [{"params": weights, "lr": 1e-2}, {"params": others, "lr": 3e-3, "weight_decay": 0.1}]
+    return torch.optim.Adam(groups, foreach=False)
+
+
+def _reference(steps: int) -> tuple[nn.Sequential, torch.optim.Adam, list[dict[str, torch.Tensor]]]:
+    """One process: ``steps`` Adam steps on random batches; the gradients of each step by name."""
+    model, generator = _model(), torch.Generator().manual_seed(1)
+    optimizer, grads = _adam(model), []
+    for _ in range(steps):
+        model(torch.randn(16, 8, generator=generator)).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer, grads
+
+
+def _state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: {k: _full(v) for k, v in s.items()} for p, s in optimizer.state.items()}
+
+
+def _same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(got, want, **EXACT, msg=lambda m: f"{what}: {m}")
+
+
+def _full(t: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone() if torch.is_tensor(t) else t
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict()
+    return {
+        "model": {k: _full(v) for k, v in sorted(state.items())},
+        "optimizer": _state_by_name(model, optimizer),
+        "dtensor_state": sum(isinstance(v, DTensor) for s in optimizer.state.values() for v in s.values()),
+        "groups": optimizer_names(optimizer, model),
+        "lrs": [g["lr"] for g in optimizer.param_groups],
+    }
+
+
+# --- checks -------------------------------------------------------------------------------------------------------
+def _check_snapshot(got: dict, model: nn.Module, optimizer: torch.optim.Optimizer, what: str) -> None:
+    want_model = model.state_dict()
+    want_optimizer = _state_by_name(model, optimizer)
+    assert got["model"], what
+    for key, value in got["model"].items():
+        _same(value, want_model[key], f"{what} {key}")
+    assert set(got["optimizer"]) == {n for n, _ in model.named_parameters() if n in got["model"]}, what
+    for name, state in got["optimizer"].items():
+        for key, value in state.items():
+            _same(value, want_optimizer[name][key], f"{what} {name}.{key}")
+    assert got["lrs"] == [1e-2, 3e-3], what
+
+
+def _check_full(checkpoint: dict, model: nn.Module, optimizer: torch.optim.Optimizer, what: str) -> None:
+    """A one-process checkpoint dict: strict load into the plain model, optimizer state in its order, exact."""
+    fresh = _model()
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+    assert list(checkpoint["state_dict"]) == list(model.state_dict()), what  # the whole model's order
+    for key, value in model.state_dict().items():
+        _same(checkpoint["state_dict"][key], value, f"{what} {key}")
+    fresh_optimizer = _adam(fresh)
+    fresh_optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+    want, got = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert got["param_groups"] == want["param_groups"], what
+    assert set(got["state"]) == set(want["state"]), what
+    for index, state in want["state"].items():
+        for key, value in state.items():
+            _same(got["state"][index][key], value, f"{what} {index}.{key}")
+
+
+# --- one process --------------------------------------------------------------------------------------------------
+def test_one_process_round_trip_and_conversions(tmp_path: Path) -> None:
+    model, optimizer, _ = _reference(STEPS)
+    extra = {"epoch": 0, "global_step": STEPS, "lr_schedulers": [{"last_epoch": 3}], "state_dict": "ignored"}
+    save_sharded(tmp_path / "ckpt", model, [optimizer], extra)
+    assert is_sharded(tmp_path / "ckpt") and not is_sharded(tmp_path)
+    assert read_extra(tmp_path / "ckpt") == {"epoch": 0, "global_step": STEPS, "lr_schedulers": [{"last_epoch": 3}]}
+    full = to_full(tmp_path / "ckpt")
+    assert full[NAMES_KEY] == [optimizer_names(optimizer, model)]
+    _check_full(full, model, optimizer, "to_full")
+    # full -> sharded -> full keeps everything; a one-process Lightning file without names keys by flat index
+    to_sharded(full, tmp_path / "again")
+    _check_full(to_full(tmp_path / "again"), model, optimizer, "full -> sharded -> full")
+    nameless = {k: v for k, v in full.items() if k != NAMES_KEY}
+    to_sharded(nameless, tmp_path / "by_index")
+    by_index = to_full(tmp_path / "by_index")
+    assert NAMES_KEY not in by_index
+    _check_full(by_index, model, optimizer, "by index")
+    one = _model()
+    one_optimizer = _adam(one)
+    load_sharded(tmp_path / "by_index", one, [one_optimizer])  # one process: its own optimizer order
+    _check_snapshot(_snapshot(one, one_optimizer), model, optimizer, "by index, loaded")
+    # the convert() paths between files and folders
+    torch.save(full, tmp_path / "full.ckpt")
+    assert convert(tmp_path / "full.ckpt", tmp_path / "converted", to="sharded") == tmp_path / "converted"
+    convert(tmp_path / "converted", tmp_path / "back.ckpt", to="full")
+    _check_full(torch.load(tmp_path / "back.ckpt", weights_only=False), model, optimizer, "convert round trip")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left
+
+
+def test_strict_and_missing_optimizer_errors(tmp_path: Path) -> None:
+    model, optimizer, _ = _reference(1)
+    save_sharded(tmp_path / "weights", model, [], {})
+    bigger = nn.Sequential(*_model(), nn.Linear(8, 2))
+    with pytest.raises(KeyError, match=r"lacks \['4.weight', '4.bias'\] \(of 2 entries this rank holds\)"):
+        load_sharded(tmp_path / "weights", bigger, [])
+    load_sharded(tmp_path / "weights", bigger, [], strict=False)
+    torch.testing.assert_close(bigger[0][0].weight, model[0][0].weight, **EXACT)
+    with pytest.raises(KeyError, match=r"holds no state of optimizer 0 \(saved with weights only\?\)"):
+        load_sharded(tmp_path / "weights", _model(), [_adam(_model())])
+    save_sharded(tmp_path / "ckpt", model, [optimizer], {})
+    other = _model()
+    with pytest.raises(ValueError, match=r"the checkpoint's optimizer has 2 param groups, this one 1"):
+        load_sharded(tmp_path / "ckpt", other, [torch.optim.Adam(other.parameters())])
+    with pytest.raises(ValueError, match=r"is not a sharded checkpoint folder"):
+        read_extra(tmp_path)
+
+
+def test_a_file_in_the_way_is_replaced_and_an_old_save_is_overwritten(tmp_path: Path) -> None:
+    model, optimizer, _ = _reference(1)
+    (tmp_path / "ckpt").write_text("an older one-file checkpoint")
+    save_sharded(tmp_path / "ckpt", model, [optimizer], {"global_step": 1})
+    later, later_optimizer, _ = _reference(2)
+    save_sharded(tmp_path / "ckpt", later, [later_optimizer], {"global_step": 2})
+    _check_full(to_full(tmp_path / "ckpt"), later, later_optimizer, "overwritten")
+    assert read_extra(tmp_path / "ckpt") == {"global_step": 2}
+    assert optimizer_names(later_optimizer, later)[1][0] == "0.0.bias"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not a checkpoint")
+    with pytest.raises(FileExistsError, match=r"`path='.*notes'` is a folder that holds no checkpoint"):
+        save_sharded(tmp_path / "notes", later, [later_optimizer], {})
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "not a checkpoint"
