@@ -159,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("recipe", nargs="?", help="recipe name, see `lightning-dl list`")
     run.add_argument("recipe_args", nargs=argparse.REMAINDER, help="arguments for the recipe's LightningCLI")
+    from lightning_dl.parallel.checkpoint import add_cli, cli_convert
+
+    convert = add_cli(commands)  # lightning-dl checkpoint convert IN OUT --to full|sharded
     args = parser.parse_args(argv)
+    if args.command == "checkpoint":
+        return cli_convert(args, convert)
     if args.command == "list":
         width = max(len(r.name) for r in RECIPES)
         for recipe in RECIPES:
