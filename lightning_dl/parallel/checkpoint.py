@@ -265,16 +265,18 @@ def load_sharded(
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     own = module.state_dict()
     missing = [k for k in own if f"state_dict.{k}" not in metadata]
+    absent = [i for i in range(len(optimizers)) if not any(k.startswith(f"optimizer_{i}.") for k in metadata)]
+    problem = None
     if strict and missing:
-        raise KeyError(f"the checkpoint {path} lacks {missing[:5]} (of {len(missing)} entries this rank holds).")
+        problem = f"the checkpoint {path} lacks {missing[:5]} (of {len(missing)} entries this rank holds)."
+    elif absent:
+        problem = f"the checkpoint {path} holds no state of optimizer {absent[0]} (saved with weights only?)."
+    _raise_together(problem, group)
     params = dict(module.named_parameters())
     state: dict[str, Any] = {f"state_dict.{k}": v for k, v in own.items() if k not in missing}
     saved_groups: dict[str, Any] = {}
     for index in range(len(optimizers)):
-        prefix = f"optimizer_{index}."
-        if not any(key.startswith(prefix) for key in metadata):
-            raise KeyError(f"the checkpoint {path} holds no state of optimizer {index} (saved with weights only?).")
-        saved_groups.update({k: None for k in metadata if k.startswith(prefix + "param_groups.")})
+        saved_groups.update({k: None for k in metadata if k.startswith(f"optimizer_{index}.param_groups.")})
     if saved_groups:  # first the param groups (small objects): they say which names the optimizer state is under
         _dcp_load(saved_groups, path, group)
     groups_by_optimizer = [
@@ -294,6 +296,19 @@ def load_sharded(
     for index, (optimizer, groups, keys) in enumerate(zip(optimizers, groups_by_optimizer, targets, strict=True)):
         _load_optimizer(optimizer, module, groups, keys, _select(state, f"optimizer_{index}.state."))
     return extra
+
+
+def _raise_together(problem: str | None, group: dist.ProcessGroup | None) -> None:
+    """Raise ``KeyError(problem)`` on every rank when any rank has one: a rank that raised alone would leave the
+    others waiting in DCP's collectives until the timeout."""
+    problems = [problem]
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        problems = [None] * dist.get_world_size(group)
+        dist.all_gather_object(problems, problem, group=group)
+    first = next(((rank, p) for rank, p in enumerate(problems) if p), None)
+    if first is not None:
+        rank, message = first
+        raise KeyError(message if len(problems) == 1 else f"rank {rank}: {message}")
 
 
 def _select(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:

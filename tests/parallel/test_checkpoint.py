@@ -1,7 +1,10 @@
-"""Sharded checkpoints at torch level, in one process: round trips, conversions and errors."""
+"""Sharded checkpoints across layouts, at torch level: Adam trained under pp2 × tp2 (pruned stages holding DTensor
+shards), saved, loaded under dp2 × tp2, FSDP2 over 4 ranks, pp2 × dp2 and in one process, each save and load compared
+with one process training the whole model on the same gradients (model, Adam moments and step counts exact)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from lightning_dl.parallel.checkpoint import (
     to_full,
     to_sharded,
 )
+from tests.helpers.distributed import run_distributed
 
 STEPS = 3
 EXACT = {"rtol": 0.0, "atol": 0.0}  # Adam is elementwise: a shard's update is the whole update's slice, bit for bit
@@ -68,6 +72,62 @@ def _full(t: Any) -> Any:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone() if torch.is_tensor(t) else t
 
 
+# --- inside the processes -----------------------------------------------------------------------------------------
+def _layout(name: str, rank: int) -> tuple[nn.Module, torch.optim.Adam]:
+    """This rank's part of the initial model under ``name``, built as the engine builds it: pipeline stages by
+    deleting the blocks the rank does not own (names kept), TP on the Linear pairs, FSDP2 over dp."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from lightning_dl.parallel.pipeline.split import split_model
+
+    model = _model()
+    if name == "fsdp4":
+        mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("dp",))
+        for block in model:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, _adam(model)
+    dims = {"pp2,tp2": ("pp", "tp"), "dp2,tp2": ("dp", "tp"), "pp2,dp2": ("pp", "dp")}[name]
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=dims)
+    owned = range(4)
+    if "pp" in dims:
+        stage = mesh["pp"].get_local_rank()
+        owned = range(2 * stage, 2 * stage + 2)
+        split_model(model, list(model), keep=owned)
+    if "tp" in dims:
+        plan = {f"{i}.{j}": ColwiseParallel() if j == 0 else RowwiseParallel() for i in owned for j in (0, 2)}
+        parallelize_module(model, mesh["tp"], plan)
+    return model, _adam(model)
+
+
+def _train_as_reference(model: nn.Module, optimizer: torch.optim.Optimizer, grads: list[dict]) -> None:
+    """Adam steps on the reference's gradients, cut to each parameter's layout (so the optimizer under the layout
+    makes its own state), and the reference's BatchNorm statistics."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(model.named_parameters())
+    for step in grads:
+        for name, p in params.items():
+            g = step[name]
+            p.grad = (
+                distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+                if isinstance(p, DTensor)
+                else g.clone()
+            )
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _copy_buffers(model: nn.Module, steps: int) -> None:
+    """The reference's BatchNorm statistics after ``steps`` (the layouts never run a forward)."""
+    buffers = dict(_reference(steps)[0].named_buffers())
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+
+
 def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
@@ -79,6 +139,43 @@ def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, A
         "groups": optimizer_names(optimizer, model),
         "lrs": [g["lr"] for g in optimizer.param_groups],
     }
+
+
+def _across_layouts(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    _, _, grads = _reference(STEPS + 1)
+    out: dict[str, Any] = {}
+    # trained under pp2 x tp2 for STEPS steps, saved
+    model, optimizer = _layout("pp2,tp2", rank)
+    _train_as_reference(model, optimizer, grads[:STEPS])
+    _copy_buffers(model, STEPS)
+    save_sharded(f"{tmp}/pp2_tp2", model, [optimizer], {"global_step": STEPS, "loops": {"rank": rank}})
+    out["pp2,tp2 saved"] = _snapshot(model, optimizer)
+    # loaded under dp2 x tp2 (replicas of TP shards), one more step there, saved
+    model, optimizer = _layout("dp2,tp2", rank)
+    out["extra"] = load_sharded(f"{tmp}/pp2_tp2", model, [optimizer])
+    out["dp2,tp2 loaded"] = _snapshot(model, optimizer)
+    _train_as_reference(model, optimizer, grads[STEPS:])
+    _copy_buffers(model, STEPS + 1)
+    save_sharded(f"{tmp}/dp2_tp2", model, [optimizer], {"global_step": STEPS + 1})
+    out["dp2,tp2 stepped"] = _snapshot(model, optimizer)
+    # loaded under FSDP2 over 4 ranks, saved again
+    model, optimizer = _layout("fsdp4", rank)
+    load_sharded(f"{tmp}/dp2_tp2", model, [optimizer])
+    out["fsdp4 loaded"] = _snapshot(model, optimizer)
+    save_sharded(f"{tmp}/fsdp4", model, [optimizer], {"global_step": STEPS + 1})
+    # loaded under pp2 x dp2 (pruned stages of plain tensors, replicated), saved again
+    model, optimizer = _layout("pp2,dp2", rank)
+    load_sharded(f"{tmp}/fsdp4", model, [optimizer])
+    out["pp2,dp2 loaded"] = _snapshot(model, optimizer)
+    save_sharded(f"{tmp}/pp2_dp2", model, [optimizer], {"global_step": STEPS + 1})
+    # a rank that lacks entries fails every rank (none waits in DCP's collectives)
+    if rank >= 2:
+        model.add_module("extra", nn.Linear(1, 1))
+    try:
+        load_sharded(f"{tmp}/pp2_dp2", model, [])
+    except KeyError as err:
+        out["error"] = str(err)
+    return out
 
 
 # --- checks -------------------------------------------------------------------------------------------------------
@@ -110,6 +207,42 @@ def _check_full(checkpoint: dict, model: nn.Module, optimizer: torch.optim.Optim
     for index, state in want["state"].items():
         for key, value in state.items():
             _same(got["state"][index][key], value, f"{what} {index}.{key}")
+
+
+@pytest.mark.distributed
+def test_adam_state_survives_every_layout_change(tmp_path: Path) -> None:
+    results = run_distributed(_across_layouts, 4, str(tmp_path), timeout=300)
+    model, optimizer, _ = _reference(STEPS)
+    stepped_model, stepped_optimizer, _ = _reference(STEPS + 1)
+    for rank, got in enumerate(results):
+        _check_snapshot(got["pp2,tp2 saved"], model, optimizer, f"rank {rank} saved under pp2,tp2")
+        assert got["pp2,tp2 saved"]["dtensor_state"] > 0  # the Adam moments of TP shards are DTensors
+        _check_snapshot(got["dp2,tp2 loaded"], model, optimizer, f"rank {rank} loaded under dp2,tp2")
+        assert got["extra"] == {"global_step": STEPS, "loops": {"rank": 0}}  # rank 0's rest
+        _check_snapshot(got["dp2,tp2 stepped"], stepped_model, stepped_optimizer, f"rank {rank} stepped under dp2,tp2")
+        _check_snapshot(got["fsdp4 loaded"], stepped_model, stepped_optimizer, f"rank {rank} loaded under fsdp4")
+        assert got["fsdp4 loaded"]["dtensor_state"] > 0
+        _check_snapshot(got["pp2,dp2 loaded"], stepped_model, stepped_optimizer, f"rank {rank} loaded under pp2,dp2")
+        assert len(got["pp2,dp2 loaded"]["model"]) == len(stepped_model.state_dict()) // 2  # a pruned stage
+        assert got["pp2,dp2 loaded"]["groups"][0][0] == ("0.0.weight" if rank < 2 else "2.0.weight")
+        assert re.fullmatch(
+            r"\"rank 2: the checkpoint .*pp2_dp2 lacks \['extra.weight', 'extra.bias'\] .*\"", got["error"]
+        )
+    # one process, no model code: every folder as Lightning's one-process dict
+    _check_full(to_full(tmp_path / "pp2_tp2"), model, optimizer, "to_full(pp2,tp2)")
+    for folder in ("dp2_tp2", "fsdp4", "pp2_dp2"):
+        _check_full(to_full(tmp_path / folder), stepped_model, stepped_optimizer, f"to_full({folder})")
+    # one process with the model: load the pp2 x tp2 folder and continue; equals the reference's next step
+    one = _model()
+    one_optimizer = _adam(one)
+    assert load_sharded(tmp_path / "pp2_tp2", one, [one_optimizer]) == {"global_step": STEPS, "loops": {"rank": 0}}
+    _check_snapshot(_snapshot(one, one_optimizer), model, optimizer, "one process")
+    _, _, grads = _reference(STEPS + 1)
+    for name, p in one.named_parameters():
+        p.grad = grads[STEPS][name].clone()
+    one_optimizer.step()
+    _copy_buffers(one, STEPS + 1)
+    _check_snapshot(_snapshot(one, one_optimizer), stepped_model, stepped_optimizer, "one process after a step")
 
 
 # --- one process --------------------------------------------------------------------------------------------------
