@@ -9,12 +9,14 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dl.callbacks._logging import log_step, should_log
-from lightning_dl.parallel.grad_norm import combine_norms, total_norm
+from lightning_dl.parallel.grad_norm import total_norm
 
 MODES = ("norm", "value", "agc", "zscore")
 NONFINITE = ("error", "skip", "zero")
@@ -28,6 +30,74 @@ def _positive(name: str, value: float | Sequence[float] | None) -> None:
 
 def _grads(group: dict) -> list[torch.Tensor]:
     return [p.grad for p in group["params"] if p.grad is not None]
+
+
+def global_group_norms(
+    groups: Sequence[Sequence[torch.Tensor]],
+    slots: Sequence[int | None],
+    num_slots: int,
+    norm_type: float = 2.0,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """The p-norm of each of ``num_slots`` param groups of the whole model, the same on every rank of ``group``.
+
+    Local group ``i`` (its tensors ``groups[i]``) is part of the whole model's group ``slots[i]`` (None: it adds
+    nothing); the slot numbers must mean the same group on every rank. Each rank puts its groups' p-th powers (max
+    for p = inf) at their slots and one collective over ``group`` sums (maxes) them, so ranks that hold different
+    numbers of groups (pipeline stages, an empty group) join the same single collective. DTensors are reduced over
+    their own mesh first, as in :func:`~lightning_dl.parallel.grad_norm.total_norm`.
+
+    Example::
+
+        >>> global_group_norms([[torch.tensor([3.0])], [], [torch.tensor([4.0])]], [1, None, 1], 2).tolist()
+        [0.0, 5.0]
+    """
+    if len(slots) != len(groups):
+        raise ValueError(f"`slots` gives {len(slots)} entries for {len(groups)} groups: give one per group.")
+    if any(s is not None and not 0 <= s < num_slots for s in slots):
+        raise ValueError(f"`slots={list(slots)}` must lie in [0, {num_slots}) (or be None).")
+    inf = math.isinf(norm_type)
+    local = [(total_norm(list(ts), norm_type), s) for ts, s in zip(groups, slots, strict=True) if s is not None and ts]
+    device = local[0][0].device if local else torch.device("cpu")
+    values = torch.zeros(num_slots, device=device)
+    if local:
+        index = torch.tensor([s for _, s in local], device=device)
+        parts = torch.stack([n for n, _ in local])
+        if inf:
+            values.scatter_reduce_(0, index, parts, "amax")
+        else:
+            values.index_add_(0, index, parts.pow(norm_type))
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+    return values if inf else values.pow(1.0 / norm_type)
+
+
+def _whole_model_groups(trainer: L.Trainer, optimizer: Optimizer) -> list[list[str]] | None:
+    """The parameter names of each param group of the whole model's optimizer, as a strategy that splits the model
+    gives them (``_optimizer_layout``: the list, or a method of the optimizer's index and the optimizer); None
+    when the strategy does not."""
+    source = getattr(trainer.strategy, "_optimizer_layout", None)
+    if callable(source):
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        source = source(index, optimizer)
+    return [list(names) for names in source] if source else None
+
+
+def _scale(grads: list[torch.Tensor], coef: float) -> None:
+    """Multiply in place: one multi-tensor kernel for plain tensors, one multiply per DTensor (a foreach kernel does
+    not take DTensors on different meshes)."""
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    if plain:
+        torch._foreach_mul_(plain, coef)
+    for g in grads:
+        if isinstance(g, DTensor):
+            g.mul_(coef)
+
+
+def _combine(norms: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """The p-norm of the whole model from the p-norms of its groups."""
+    return norms.max() if math.isinf(norm_type) else norms.pow(norm_type).sum().pow(1.0 / norm_type)
 
 
 class GradientClipping(Callback):
@@ -45,7 +115,10 @@ class GradientClipping(Callback):
 
     The norm is the norm of the gradient the optimizer steps with: under DDP that of the averaged gradient; with
     DTensor shards (tensor parallel, FSDP2) reduced over the mesh; across pipeline stages reduced over the
-    strategy's ``grad_norm_group`` when it has one, so every rank clips with the same global norm.
+    strategy's ``grad_norm_group`` when it has one, so every rank clips with the same global norm. The norms of
+    all param groups cross the stages in one collective, each at the index of its group in the whole model's
+    optimizer (:func:`global_group_norms`), so stages holding different numbers of groups clip alike and a
+    per-group threshold applies to that group's norm over every stage.
 
     Non-finite norms: ``nonfinite="error"`` raises naming the first parameters with NaN/inf gradients; ``"skip"``
     drops the step (the gradients are set to None, so the optimizer changes neither parameters nor its state;
@@ -112,6 +185,7 @@ class GradientClipping(Callback):
         self.zscore_warmup = zscore_warmup
         self.skipped_steps = 0
         self.zscore_state = {"count": 0, "mean": 0.0, "var": 0.0}
+        self._slots: dict[int, tuple[list[int | None], int]] = {}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -123,60 +197,115 @@ class GradientClipping(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if isinstance(self.max_norm, Sequence):
-            for optimizer in trainer.optimizers:
-                if len(self.max_norm) != len(optimizer.param_groups):
-                    raise ValueError(
-                        f"`max_norm` has {len(self.max_norm)} thresholds but the optimizer has "
-                        f"{len(optimizer.param_groups)} param groups: give one per group or a single number."
-                    )
+        self._slots = {}
+        for optimizer in trainer.optimizers:
+            _, count = self._group_slots(trainer, pl_module, optimizer)
+            if isinstance(self.max_norm, Sequence) and len(self.max_norm) != count:
+                raise ValueError(
+                    f"`max_norm` has {len(self.max_norm)} thresholds but the optimizer has {count} param groups: "
+                    "give one per group or a single number."
+                )
 
-    def _group_norms(self, optimizer: Optimizer, group_handle: Any) -> torch.Tensor:
-        return torch.stack([total_norm(_grads(g), self.norm_type, group=group_handle) for g in optimizer.param_groups])
+    def _group_slots(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer
+    ) -> tuple[list[int | None], int]:
+        """For each local param group, the index of the whole model's group it belongs to, and how many groups the
+        whole model has: the same numbering on every rank, worked out once per fit and optimizer.
+
+        Pipeline stages hold different parameters, so their optimizers can have different numbers of groups (a
+        group per block, a group left empty); a strategy that splits the model gives the whole model's groups as
+        parameter names (``_optimizer_layout``, the names survive the split) and each local group is numbered by
+        its first parameter's name. Elsewhere every rank holds the same groups; under a ``grad_norm_group`` the
+        group counts are compared once (one small collective), and counts that differ leave one slot for all groups
+        (the global norm stays right; per-group thresholds and norms are then refused)."""
+        cached = self._slots.get(id(optimizer))
+        if cached is not None and len(cached[0]) == len(optimizer.param_groups):
+            return cached
+        groups = optimizer.param_groups
+        whole = _whole_model_groups(trainer, optimizer)
+        slots: list[int | None]
+        if whole:
+            slot_of = {name: index for index, names in enumerate(whole) for name in names}
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            try:
+                slots = [slot_of[names[id(g["params"][0])]] if g["params"] else None for g in groups]
+            except KeyError as missing:
+                raise ValueError(
+                    f"the parameter {missing} of this rank's optimizer is in no param group of the whole model the "
+                    "strategy gives: the optimizer must be the module's own `configure_optimizers()`."
+                ) from None
+            result = (slots, len(whole))
+        else:
+            slots, count = list(range(len(groups))), len(groups)
+            handle = getattr(trainer.strategy, "grad_norm_group", None)
+            if handle is not None and dist.get_world_size(handle) > 1:
+                counts = torch.tensor([count, -count])
+                dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=handle)
+                if counts[0] != -counts[1]:
+                    if isinstance(self.max_norm, Sequence) or self.log_group_norms:
+                        raise ValueError(
+                            f"the ranks' optimizers have between {-int(counts[1])} and {int(counts[0])} param groups "
+                            "and the strategy does not say which are the same: per-group thresholds (`max_norm` as a "
+                            "list) and `log_group_norms=True` need the same groups on every rank."
+                        )
+                    slots, count = [0] * len(groups), 1
+            result = (slots, count)
+        self._slots[id(optimizer)] = result
+        return result
+
+    def _group_norms(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> torch.Tensor:
+        """The norm of each of the whole model's param groups, the same on every rank (one collective)."""
+        slots, count = self._group_slots(trainer, pl_module, optimizer)
+        handle = getattr(trainer.strategy, "grad_norm_group", None)
+        grads = [_grads(g) for g in optimizer.param_groups]
+        return global_group_norms(grads, slots, count, self.norm_type, group=handle)
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
-        group_handle = getattr(trainer.strategy, "grad_norm_group", None)
-        group_norms = self._group_norms(optimizer, group_handle)
-        pre = combine_norms(group_norms, self.norm_type)
+        group_norms = self._group_norms(trainer, pl_module, optimizer)
+        pre = _combine(group_norms, self.norm_type)
         # the one host synchronisation of the step: the total and per-group norms as floats
         pre_value, *group_values = torch.cat([pre.reshape(1), group_norms]).tolist()
         if not math.isfinite(pre_value):
             if self._handle_nonfinite(optimizer, pl_module):
                 return
-            group_norms = self._group_norms(optimizer, group_handle)
-            pre = combine_norms(group_norms, self.norm_type)
+            group_norms = self._group_norms(trainer, pl_module, optimizer)
+            pre = _combine(group_norms, self.norm_type)
             pre_value, *group_values = torch.cat([pre.reshape(1), group_norms]).tolist()
-        clipped, coefs = self._clip(optimizer, pre_value, group_values)
+        slots, _ = self._group_slots(trainer, pl_module, optimizer)
+        clipped, coefs = self._clip(optimizer, pre_value, group_values, slots)
         if self.log_norm and should_log(trainer):
             if coefs is None:  # value and agc clipping: measure again
-                post_norms = self._group_norms(optimizer, group_handle)
+                post_norms = self._group_norms(trainer, pl_module, optimizer)
             else:
                 post_norms = group_norms * torch.tensor(coefs, device=group_norms.device)
             log_step(pl_module, "grad_norm/pre_clip", pre)
-            log_step(pl_module, "grad_norm/post_clip", combine_norms(post_norms, self.norm_type))
+            log_step(pl_module, "grad_norm/post_clip", _combine(post_norms, self.norm_type))
             log_step(pl_module, "grad_norm/clipped", float(clipped))
             if self.log_group_norms:
                 for index, norm in enumerate(group_values):
                     log_step(pl_module, f"grad_norm/pg{index}", norm)
 
-    def _clip(self, optimizer: Optimizer, pre: float, group_norms: list[float]) -> tuple[bool, list[float] | None]:
+    def _clip(
+        self, optimizer: Optimizer, pre: float, group_norms: list[float], slots: list[int | None]
+    ) -> tuple[bool, list[float] | None]:
         """Clip in place; returns whether clipping changed anything and, when the result follows from a coefficient
-        per group, those coefficients. Gradients that need no clipping are not touched."""
+        per group of the whole model (``group_norms``; local group i is ``slots[i]``), those coefficients. Gradients
+        that need no clipping are not touched."""
         groups = optimizer.param_groups
         if self.mode in ("norm", "zscore"):
             if self.mode == "zscore":
-                coefs = [self._zscore_coefficient(pre)] * len(groups)
+                coefs = [self._zscore_coefficient(pre)] * len(group_norms)
             elif isinstance(self.max_norm, Sequence):
                 coefs = [
                     min(1.0, limit / (norm + 1e-6)) for limit, norm in zip(self.max_norm, group_norms, strict=True)
                 ]
             else:
-                coefs = [min(1.0, float(self.max_norm) / (pre + 1e-6))] * len(groups)  # type: ignore[arg-type]
-            for group, coef in zip(groups, coefs, strict=True):
+                coefs = [min(1.0, float(self.max_norm) / (pre + 1e-6))] * len(group_norms)  # type: ignore[arg-type]
+            for group, slot in zip(groups, slots, strict=True):
                 grads = _grads(group)
-                if coef < 1.0 and grads:
-                    torch._foreach_mul_(grads, coef)
+                if slot is not None and coefs[slot] < 1.0 and grads:
+                    _scale(grads, coefs[slot])
             return any(c < 1.0 for c in coefs), coefs
         if self.mode == "value":
             grads = [g for group in groups for g in _grads(group)]

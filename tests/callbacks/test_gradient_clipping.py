@@ -2,9 +2,12 @@
 the DDP norm equal to the single-process norm of the full batch."""
 
 import copy
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -261,3 +264,97 @@ def test_clips_once_per_optimizer_step_under_accumulation() -> None:
         total = torch.nn.utils.get_total_norm(before).item()  # the accumulated gradient's norm
         for a, b in zip(after, before, strict=True):
             torch.testing.assert_close(a, b * min(1.0, 0.05 / (total + 1e-6)))
+
+
+# -- pipeline stages holding different param groups: one collective, norms per group of the whole model -------------
+
+# the whole model: 4 Linear blocks in 3 param groups; stage 0 holds blocks 0-1, stage 1 blocks 2-3 and an empty group
+WHOLE_GROUPS = [[0, 2], [1], [3]]
+STAGE_GROUPS = [[[0], [1]], [[2], [3], []]]
+
+
+def _whole_model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(3, 3) for _ in range(4)))
+    generator = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator) * 0.3
+    return model
+
+
+def _blocks_params(model: torch.nn.Module, blocks: list[int]) -> list[torch.nn.Parameter]:
+    return [p for b in blocks for p in model[b].parameters()]
+
+
+def _stage_clip(rank: int, world_size: int, clipping: GradientClipping, with_layout: bool) -> dict:
+    """This rank's stage (the whole model's names, blocks it does not hold removed) clipped by ``clipping`` through
+    a stand-in trainer whose strategy reduces norms over the world group; counts the all-reduces of the step."""
+    stage = _whole_model()
+    owned = {b for group in STAGE_GROUPS[rank] for b in group}
+    for index in range(4):
+        if index not in owned:
+            stage._modules[str(index)] = None
+    optimizer = torch.optim.SGD([{"params": _blocks_params(stage, g)} for g in STAGE_GROUPS[rank]], lr=0.1)
+    layout = [[f"{b}.{n}" for b in g for n in ("weight", "bias")] for g in WHOLE_GROUPS]
+    # the strategy gives the whole model's groups as a list or as a method of (optimizer index, optimizer)
+    given = layout if rank == 0 else lambda index, optimizer: layout
+    strategy = SimpleNamespace(
+        grad_norm_group=dist.group.WORLD, **({"_optimizer_layout": given} if with_layout else {})
+    )
+    trainer = SimpleNamespace(strategy=strategy, optimizers=[optimizer], gradient_clip_val=None)
+    try:
+        clipping.on_fit_start(trainer, stage)
+        with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as all_reduce:
+            clipping.on_before_optimizer_step(trainer, stage, optimizer)
+    except ValueError as error:
+        return {"error": str(error)}
+    return {"grads": {n: p.grad.clone() for n, p in stage.named_parameters()}, "all_reduces": all_reduce.call_count}
+
+
+def _reference(max_norm, norm_type: float) -> dict[str, torch.Tensor]:
+    """One process, the whole model's optimizer with its 3 groups, clipped with torch's norms."""
+    model = _whole_model()
+    groups = [_blocks_params(model, g) for g in WHOLE_GROUPS]
+    if isinstance(max_norm, list):
+        for params, limit in zip(groups, max_norm, strict=True):
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type).item()
+            for p in params:
+                p.grad.mul_(min(1.0, limit / (norm + 1e-6)))
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type)
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def _stage_runs(rank: int, world_size: int) -> list[dict]:
+    runs = [
+        (GradientClipping(max_norm=[0.3, 10.0, 0.2], log_norm=False), True),  # 3 groups; stage counts 2 and 3
+        (GradientClipping(max_norm=0.5, log_norm=False), True),
+        (GradientClipping(max_norm=0.5, norm_type=float("inf"), log_norm=False), True),
+        (GradientClipping(max_norm=0.5, log_norm=False), False),  # no layout: one slot for the global norm
+        (GradientClipping(max_norm=[0.3, 10.0], log_norm=False), False),  # no layout: per-group refused
+    ]
+    return [_stage_clip(rank, world_size, clipping, with_layout) for clipping, with_layout in runs]
+
+
+@pytest.mark.distributed
+def test_stages_with_different_group_counts_clip_with_the_whole_model_norms() -> None:
+    """Stage 0 holds 2 param groups, stage 1 three (one empty): per-group thresholds apply to each group's norm over
+    both stages, the global 2- and inf-norm equal one process's, one all-reduce per step; without the whole
+    model's groups the global norm is still right and per-group thresholds are refused on every rank."""
+    ranks = run_distributed(_stage_runs, 2, timeout=120)
+    expected = [_reference([0.3, 10.0, 0.2], 2.0), _reference(0.5, 2.0), _reference(0.5, float("inf"))]
+    expected.append(expected[1])
+    for run, reference in enumerate(expected):
+        for rank, results in enumerate(ranks):
+            result = results[run]
+            assert result["all_reduces"] == 1, (run, rank)  # the group counts were compared in on_fit_start
+            held = {f"{b}.{n}" for g in STAGE_GROUPS[rank] for b in g for n in ("weight", "bias")}
+            assert set(result["grads"]) == held
+            for name, grad in result["grads"].items():
+                torch.testing.assert_close(grad, reference[name], msg=lambda m, n=name, r=run: f"run {r} {n}: {m}")
+    # a reference that clips group 0 and 2 but not group 1 (threshold 10): the test would see a wrong grouping
+    raw = {n: p.grad for n, p in _whole_model().named_parameters()}
+    assert not torch.equal(expected[0]["0.weight"], raw["0.weight"])
+    assert torch.equal(expected[0]["1.weight"], raw["1.weight"])
+    for results in ranks:
+        assert "between 2 and 3 param groups" in results[4]["error"]
