@@ -255,9 +255,10 @@ def load_sharded(
     of ``group`` calls it); returns the non-tensor rest (epoch, loops, lr_schedulers...).
 
     ``strict``: every ``state_dict`` entry the rank holds must be in the checkpoint. ``optimizer_names`` is needed
-    only for a folder whose optimizer state is keyed by flat index, under a layout where ranks hold parts of the
-    model (one process uses its own optimizer's order). Optimizers must be the ones the checkpoint was saved with
-    (same number of param groups); a parameter without saved state starts fresh.
+    only for a folder whose optimizer state is keyed by flat index, on a rank whose optimizer holds part of the
+    model's parameters (a pipeline stage); a rank that holds them all uses its own optimizer's order. Optimizers must
+    be the ones the checkpoint was saved with (same number of param groups); a parameter without saved state starts
+    fresh.
     """
     path = Path(path)
     extra = read_extra(path, weights_only=weights_only)
@@ -335,7 +336,7 @@ def _state_keys(
     # keyed by the whole model's flat index: map names to indices
     if given is not None:
         order = [name for names in given[index] for name in names]
-    elif not dist.is_initialized() or dist.get_world_size() == 1:
+    elif len(local) == len(saved):  # this rank's optimizer holds every parameter: its order is the whole model's
         order = local
     else:
         raise ValueError(

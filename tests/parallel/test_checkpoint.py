@@ -168,6 +168,16 @@ def _across_layouts(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     load_sharded(f"{tmp}/fsdp4", model, [optimizer])
     out["pp2,dp2 loaded"] = _snapshot(model, optimizer)
     save_sharded(f"{tmp}/pp2_dp2", model, [optimizer], {"global_step": STEPS + 1})
+    # a folder converted from a one-process file without names (state by flat index): a stage needs the whole
+    # model's names per param group
+    model, optimizer = _layout("pp2,dp2", rank)
+    try:
+        load_sharded(f"{tmp}/by_index", model, [optimizer])
+    except ValueError as err:
+        out["by index, no names"] = str(err)
+    whole = _model()
+    load_sharded(f"{tmp}/by_index", model, [optimizer], optimizer_names=[optimizer_names(_adam(whole), whole)])
+    out["by index"] = _snapshot(model, optimizer)
     # a rank that lacks entries fails every rank (none waits in DCP's collectives)
     if rank >= 2:
         model.add_module("extra", nn.Linear(1, 1))
@@ -211,8 +221,10 @@ def _check_full(checkpoint: dict, model: nn.Module, optimizer: torch.optim.Optim
 
 @pytest.mark.distributed
 def test_adam_state_survives_every_layout_change(tmp_path: Path) -> None:
-    results = run_distributed(_across_layouts, 4, str(tmp_path), timeout=300)
     model, optimizer, _ = _reference(STEPS)
+    one_process_file = {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()]}
+    to_sharded(one_process_file, tmp_path / "by_index")
+    results = run_distributed(_across_layouts, 4, str(tmp_path), timeout=300)
     stepped_model, stepped_optimizer, _ = _reference(STEPS + 1)
     for rank, got in enumerate(results):
         _check_snapshot(got["pp2,tp2 saved"], model, optimizer, f"rank {rank} saved under pp2,tp2")
@@ -225,6 +237,11 @@ def test_adam_state_survives_every_layout_change(tmp_path: Path) -> None:
         _check_snapshot(got["pp2,dp2 loaded"], stepped_model, stepped_optimizer, f"rank {rank} loaded under pp2,dp2")
         assert len(got["pp2,dp2 loaded"]["model"]) == len(stepped_model.state_dict()) // 2  # a pruned stage
         assert got["pp2,dp2 loaded"]["groups"][0][0] == ("0.0.weight" if rank < 2 else "2.0.weight")
+        assert (
+            "keyed by flat index (converted from a file without parameter names): pass `optimizer_names`"
+            in got["by index, no names"]
+        )
+        _check_snapshot(got["by index"], model, optimizer, f"rank {rank} by index under pp2,dp2")
         assert re.fullmatch(
             r"\"rank 2: the checkpoint .*pp2_dp2 lacks \['extra.weight', 'extra.bias'\] .*\"", got["error"]
         )
