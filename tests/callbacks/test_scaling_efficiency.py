@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+from torch.utils.data import TensorDataset
 
 from lightning_dl.callbacks import ScalingEfficiency
 from lightning_dl.callbacks.scaling_efficiency import efficiency, gather_floats, peak_rss_bytes
@@ -192,3 +194,84 @@ def test_two_processes_gather_the_slowest_rank_and_every_peak():
     assert [round(value, 6) for _, _, value in report["curve"]] == [0.6, 0.4]  # means of (0.5, 0.7), (0.3, 0.5)
     assert report["seconds_to_target"] == pytest.approx(2 * (1.0 + 1.0 + 2.0 + 3.0))  # the slowest rank's seconds
     assert [point[:2] for point in report["curve"]] == [(2, 4.0), (4, 14.0)]
+
+
+class BoringPipe(BoringModel):
+    """Lightning's BoringModel with its Linear split into two blocks and (input, target) batches, so that the pipeline
+    and hybrid strategies can train it too; logs ``val_loss``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Linear(8, 2))
+
+    def pipeline_blocks(self):
+        return self.layer
+
+    def pipeline_loss(self, output, target):
+        return F.mse_loss(output, target)
+
+    def training_step(self, batch, batch_idx):
+        return self.pipeline_loss(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.pipeline_loss(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _boring_data(samples: int = 32) -> TensorDataset:
+    x = RandomDataset(32, samples).data
+    return TensorDataset(x, torch.ones(samples, 2))
+
+
+def _check_report(callback: ScalingEfficiency, world_size: int, global_batch: int, steps: int) -> None:
+    """The report against the callback's own step times, with the formulas written out."""
+    report = callback.report
+    assert report is not None and report.world_size == world_size and report.global_batch_size == global_batch
+    assert len(callback.step_seconds) == steps and callback.warmup_indices == [0]
+    measured = callback.step_seconds[1:]
+    if world_size == 1:  # with several ranks T_N is the slowest rank's mean: checked against the gathered means
+        assert report.step_seconds == pytest.approx(sum(measured) / len(measured))
+    assert report.samples_per_second == pytest.approx(global_batch / report.step_seconds)
+    assert report.efficiency == pytest.approx(0.5 / (world_size * report.step_seconds))  # T / (N × T_N)
+    assert [point[0] for point in report.curve] == [steps // 2, steps]
+    assert len(report.peak_rss_bytes) == world_size and min(report.peak_rss_bytes) > 50 * 2**20
+
+
+def test_boring_model_in_a_plain_trainer():
+    """Lightning's BoringModel-style module, real clock, one process: 32 samples in batches of 4, 2 epochs."""
+    callback = ScalingEfficiency(warmup_steps=1, target=1e9, reference_step_seconds=0.5)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[callback])
+    trainer.fit(BoringPipe(), loader(_boring_data(), 4), loader(_boring_data(8), 4))
+    _check_report(callback, 1, 4, 16)
+    assert callback.report is not None and callback.report.seconds_to_target == pytest.approx(callback.curve[0][1])
+    assert callback.report.train_seconds > 0 and callback.curve[0][1] == pytest.approx(sum(callback.step_seconds[:8]))
+
+
+def _boring_fits(rank: int, world_size: int) -> list[tuple[list[float], list[float]]]:
+    """The BoringModel-style module under Lightning's ddp, then under HybridStrategy pp2, in the same processes."""
+    from lightning_dl.strategies import HybridStrategy
+
+    gathered = []
+    for strategy, global_batch in (("ddp", 8), (HybridStrategy(layout="pp2", n_microbatches=2), 4)):
+        callback = ScalingEfficiency(warmup_steps=1, target=1e9, reference_step_seconds=0.5)
+        trainer = quiet_trainer(devices=world_size, strategy=strategy, max_epochs=2, callbacks=[callback])
+        data = _boring_data()
+        steps = 2 * len(data) // global_batch
+        trainer.fit(BoringPipe(), loader(data, 4), loader(_boring_data(8), 4))
+        _check_report(callback, world_size, global_batch, steps)
+        assert callback.report is not None
+        means = gather_floats([sum(callback.step_seconds[1:]) / (steps - 1)])
+        assert callback.report.step_seconds == pytest.approx(max(m[0] for m in means))  # the slowest rank's
+        gathered.append(gather_floats([callback.report.step_seconds, *callback.report.curve[-1][1:]]))
+    return gathered
+
+
+@pytest.mark.distributed
+def test_boring_model_under_ddp_and_the_hybrid_strategy():
+    """Two processes: every rank's report has N = 2, the global batch of the layout (ddp: 2 replicas of 4; pp2: one
+    replica of 4), T_N the slowest rank's mean, one peak RSS per rank, and the same T_N and curve on every rank."""
+    for gathered in run_distributed(_boring_fits, 2, timeout=240)[0]:
+        assert gathered[0] == gathered[1]
