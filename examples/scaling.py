@@ -1,12 +1,13 @@
 """The scaling report: one model and one global batch trained under a list of layouts (one process, dp2, tp2, pp2,
-dp2 x pp2, dp2 x tp2, dp4), each measured by the ``ScalingEfficiency`` callback: step time T_N, samples per second,
-E_N = T_1 / (N · T_N), peak RSS per rank, training time to a target validation loss and the validation loss against
-training time. Also what the machine can give: its cores and the contention ceiling of two independent one-process
-trainings run at once (no communication at all), so a strategy's loss can be told from the machine's. Writes a
-table in the lecture's form ("configuration — time to reach the target"), JSON and PNG.
+dp2 x pp2, dp2 x tp2, dp4), every layout of more than one process by ``HybridStrategy(layout=...)``, each measured
+by the ``ScalingEfficiency`` callback: step time T_N, samples per second, E_N = T_1 / (N · T_N), peak RSS per rank,
+training time to a target validation loss and the validation loss against training time. Also what the machine can
+give: its cores and the contention ceiling of two independent one-process trainings run at once (no communication
+at all), so a strategy's loss can be told from the machine's. Writes a table in the lecture's form ("configuration
+— time to reach the target"), JSON (with the load average before and after each layout) and PNG.
 
     python examples/scaling.py                        # or: lightning-dl run scaling
-    python examples/scaling.py --layouts 1,dp2,pp2
+    python examples/scaling.py --layouts "1;dp2;pp2"
 
 Every process runs one torch thread. A layout is a ``ParallelLayout`` string; ``1`` is one process.
 """
@@ -52,19 +53,23 @@ def layout_name(layout: ParallelLayout) -> str:
 
 
 def strategy_for(layout: ParallelLayout) -> Any:
-    """The strategy that trains ``layout`` with what exists: Lightning's ``ddp`` for dp, ``TensorParallelStrategy``
-    for tp and dp × tp, ``PipelineStrategy`` for pp and dp × pp (one engine for any layout replaces this)."""
-    from lightning_dl.strategies import PipelineStrategy, TensorParallelStrategy
+    """The strategy that trains ``layout``: ``HybridStrategy(layout=...)`` for every layout of more than one process
+    (one engine: pipeline stages, TP on each stage, all-reduce over dp; 1F1B over ``MICROBATCHES`` micro-batches),
+    Lightning's default for one process."""
+    from lightning_dl.strategies import HybridStrategy
 
     if layout.world_size == 1:
         return "auto"
-    if layout.tp > 1 and layout.pp > 1:
-        raise ValueError(f"layout {layout}: tp × pp has no strategy here; use dp×tp, dp×pp or one dimension.")
-    if layout.pp > 1:
-        return PipelineStrategy(schedule="1f1b", n_microbatches=MICROBATCHES, data_parallel_size=layout.dp)
-    if layout.tp > 1:
-        return TensorParallelStrategy(tensor_parallel_size=layout.tp, data_parallel_size=layout.dp)
-    return "ddp"
+    return HybridStrategy(layout=layout, schedule="1f1b", n_microbatches=MICROBATCHES)
+
+
+def describe(strategy: Any) -> str:
+    """How a layout was trained, for the report: the strategy's class and what sets it apart."""
+    if isinstance(strategy, str):
+        return strategy
+    layout = getattr(strategy, "parallel_layout", None)
+    schedule, micro = getattr(strategy, "schedule", None), getattr(strategy, "n_microbatches", None)
+    return f"{type(strategy).__name__}(layout={str(layout)!r}, schedule={schedule!r}, n_microbatches={micro})"
 
 
 def _fit(layout: ParallelLayout, args: argparse.Namespace) -> dict[str, Any]:
@@ -95,8 +100,13 @@ def _fit(layout: ParallelLayout, args: argparse.Namespace) -> dict[str, Any]:
     )
     module = ClassifierModule(hidden_sizes=args.hidden, dropout=0.0, optimizer="adamw", lr=args.lr)
     trainer.fit(module, train, val)
-    assert callback.report is not None
-    return callback.report.as_dict()
+    report = callback.report
+    if report is None or report.global_batch_size != args.batch_size:
+        raise RuntimeError(
+            f"layout {layout}: the callback measured a global batch of "
+            f"{None if report is None else report.global_batch_size}, the recipe asked for {args.batch_size}."
+        )
+    return report.as_dict() | {"strategy": describe(trainer.strategy if layout.world_size > 1 else "auto")}
 
 
 def _rank(rank: int, tmp: str, text: str, args: argparse.Namespace) -> None:
@@ -146,7 +156,12 @@ def run_layout(text: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lightning_dl_scaling_") as tmp:
         _spawn(_rank, layout.world_size, (tmp, text, args), args.timeout)
         report = json.loads(Path(tmp, "report.json").read_text())
-    return report | {"layout": str(layout), "name": layout_name(layout), "load_before": list(load)}
+    return report | {
+        "layout": str(layout),
+        "name": layout_name(layout),
+        "load_before": list(load),
+        "load_after": list(os.getloadavg()),
+    }
 
 
 def contention(args: argparse.Namespace) -> dict[str, Any]:
@@ -215,7 +230,7 @@ def report(results: list[dict], machine: dict, args: argparse.Namespace, load_st
     t_1 = one["step_seconds"] if one else None
     for r in results:
         r["efficiency"] = efficiency(t_1, r["step_seconds"], r["world_size"]) if t_1 else None
-    header = ["configuration", "N", f"time to val loss {args.target} (s)", "T_N (ms)", "samples/s", "E_N",
+    header = ["configuration", f"time to val loss {args.target} (s)", "N", "T_N (ms)", "samples/s", "E_N",
               "peak RSS per rank (MiB)", "final val loss"]  # fmt: skip
     rows = []
     for r in results:
@@ -223,8 +238,8 @@ def report(results: list[dict], machine: dict, args: argparse.Namespace, load_st
         rows.append(
             [
                 r["name"],
-                r["world_size"],
                 f"{reached:.1f}" if reached is not None else "not reached",
+                r["world_size"],
                 f"{1000 * r['step_seconds']:.1f}",
                 f"{r['samples_per_second']:.0f}",
                 f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "-",

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_dl.parallel.layout import ParallelLayout
-from lightning_dl.strategies import PipelineStrategy, TensorParallelStrategy
+from lightning_dl.strategies import HybridStrategy
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -34,21 +34,20 @@ scaling = _load("scaling")
 too_big = _load("too_big")
 
 
-def test_every_default_layout_maps_to_an_existing_strategy():
-    strategies = {text: scaling.strategy_for(scaling.parse_layout(text)) for text in scaling.LAYOUTS}
-    assert strategies["1"] == "auto" and strategies["dp2"] == "ddp" and strategies["dp4"] == "ddp"
-    for text, dp in (("pp2", 1), ("dp2,pp2", 2)):
-        assert isinstance(strategies[text], PipelineStrategy) and strategies[text].data_parallel_size == dp
-    for text in ("tp2", "dp2,tp2"):
-        assert isinstance(strategies[text], TensorParallelStrategy)
+def test_every_layout_trains_through_the_hybrid_strategy():
+    """One process gets Lightning's default; every other layout, tp × pp included, one HybridStrategy with it."""
+    assert scaling.strategy_for(scaling.parse_layout("1")) == "auto"
+    for text in (*scaling.LAYOUTS[1:], "tp2,pp2", "dp2,tp2,pp2"):
+        strategy = scaling.strategy_for(scaling.parse_layout(text))
+        assert isinstance(strategy, HybridStrategy) and strategy.parallel_layout == ParallelLayout.parse(text)
+        assert (strategy.schedule, strategy.n_microbatches) == ("1f1b", scaling.MICROBATCHES)
+        assert scaling.describe(strategy).startswith(f"HybridStrategy(layout='{ParallelLayout.parse(text)}'")
     assert [scaling.parse_layout(t).world_size for t in scaling.LAYOUTS] == [1, 2, 2, 2, 4, 4, 4]
     assert scaling.layout_name(ParallelLayout(dp=2, pp=2)) == "dp2 x pp2"
     assert scaling.layout_name(ParallelLayout()) == "1 process"
 
 
-def test_layouts_that_cannot_run_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"layout dp1,tp2,pp2: tp × pp has no strategy here"):
-        scaling.strategy_for(ParallelLayout(tp=2, pp=2))
+def test_layouts_that_do_not_parse_are_refused_by_name():
     with pytest.raises(ValueError, match=r"cannot read 'dq2'"):
         scaling.parse_layout("dq2")
 
