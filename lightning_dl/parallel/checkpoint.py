@@ -201,20 +201,32 @@ def _merge_names(lists: Any) -> list[Any]:
 
 
 def _merge_groups(per_rank: list[list[dict]], given: Sequence[GroupNames] | None, index: int) -> list[dict]:
-    """One optimizer's whole-model param groups from every rank's local ones (each rank has the same groups)."""
-    counts = {len(groups) for groups in per_rank}
-    if len(counts) != 1:
-        raise ValueError(
-            f"optimizer {index} has {sorted(counts)} param groups on different ranks: every rank's "
-            "configure_optimizers() must make the same groups (empty ones included)."
-        )
-    merged = []
-    for g in range(counts.pop()):
-        groups = [groups[g] for groups in per_rank]
-        hyper = next((x for x in groups if x["params"]), groups[0])
-        names = list(given[index][g]) if given is not None else _merge_names(x["params"] for x in groups)
-        merged.append({**{k: v for k, v in hyper.items() if k != "params"}, "params": names})
-    return merged
+    """One optimizer's whole-model param groups from every rank's local ones: matched by index, or, with the whole
+    model's names (``given``), by the group that holds a local group's parameters (a stage may lack a group)."""
+    if given is None:
+        counts = {len(groups) for groups in per_rank}
+        if len(counts) != 1:
+            raise ValueError(
+                f"optimizer {index} has {sorted(counts)} param groups on different ranks: pass `optimizer_names` "
+                "(the whole model's names per group) or make every rank's configure_optimizers() give the same groups."
+            )
+        whole = [_merge_names(groups[g]["params"] for groups in per_rank) for g in range(counts.pop())]
+    else:
+        whole = [list(names) for names in given[index]]
+    owner = {name: g for g, names in enumerate(whole) for name in names}
+    hyper: dict[int, dict[str, Any]] = {}
+    for groups in per_rank:
+        for g, group in enumerate(groups):
+            values = {k: v for k, v in group.items() if k != "params"}
+            if not group["params"]:
+                if given is None:
+                    hyper.setdefault(g, values)
+                continue
+            target = owner.get(group["params"][0])
+            if target is None:
+                raise ValueError(f"optimizer {index}: {group['params'][:3]} are in no group of `optimizer_names`.")
+            hyper.setdefault(target, values)
+    return [{**hyper.get(g, {}), "params": names} for g, names in enumerate(whole)]
 
 
 def _state_by_name(optimizer: Optimizer, module: nn.Module) -> dict[str, dict[str, Any]]:
@@ -363,17 +375,21 @@ def _template(md: Any, param: torch.Tensor) -> Any:
 def _load_optimizer(
     optimizer: Optimizer, module: nn.Module, groups: list[dict], keys: Mapping[str, str], flat: Mapping[str, Any]
 ) -> None:
-    if len(groups) != len(optimizer.param_groups):
-        raise ValueError(
-            f"the checkpoint's optimizer has {len(groups)} param groups, this one {len(optimizer.param_groups)}: "
-            "they must be the same optimizer (configure_optimizers() unchanged)."
-        )
+    """Each local param group takes the hyper-parameters of the saved group that holds its parameters (a pipeline
+    stage may hold fewer groups than the whole model), and each parameter its saved state."""
     saved_group = {str(p): g for g, group in enumerate(groups) for p in group["params"]}
     state: dict[int, dict[str, Any]] = {}
     param_groups = []
     flat_index = 0
     for g, names in enumerate(optimizer_names(optimizer, module)):
-        source = groups[saved_group[keys[names[0]]]] if names else groups[g]
+        found = {saved_group.get(keys[name], -1) for name in names}
+        if len(found) > 1 or -1 in found:
+            raise ValueError(
+                f"param group {g} of the optimizer holds parameters of the checkpoint's param groups "
+                f"{sorted(found)} (-1: none of its {len(groups)}): they must be the same optimizer "
+                "(configure_optimizers() unchanged)."
+            )
+        source = groups[found.pop()] if names else (groups[g] if g < len(groups) else {})
         param_groups.append({**{k: v for k, v in source.items() if k != "params"}, "params": []})
         for name in names:
             entry = _select(flat, keys[name] + ".")

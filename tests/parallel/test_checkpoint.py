@@ -304,7 +304,9 @@ def test_strict_and_missing_optimizer_errors(tmp_path: Path) -> None:
         load_sharded(tmp_path / "weights", _model(), [_adam(_model())])
     save_sharded(tmp_path / "ckpt", model, [optimizer], {})
     other = _model()
-    with pytest.raises(ValueError, match=r"the checkpoint's optimizer has 2 param groups, this one 1"):
+    with pytest.raises(
+        ValueError, match=r"param group 0 of the optimizer holds parameters of the checkpoint's param groups \[0, 1\]"
+    ):
         load_sharded(tmp_path / "ckpt", other, [torch.optim.Adam(other.parameters())])
     with pytest.raises(ValueError, match=r"is not a sharded checkpoint folder"):
         read_extra(tmp_path)
@@ -324,3 +326,26 @@ def test_a_file_in_the_way_is_replaced_and_an_old_save_is_overwritten(tmp_path: 
     with pytest.raises(FileExistsError, match=r"`path='.*notes'` is a folder that holds no checkpoint"):
         save_sharded(tmp_path / "notes", later, [later_optimizer], {})
     assert (tmp_path / "notes" / "todo.txt").read_text() == "not a checkpoint"
+
+
+def test_a_stage_holding_fewer_param_groups_loads_its_part(tmp_path: Path) -> None:
+    """The whole model's optimizer has a group for block 0 alone; the stage of blocks 2 and 3 drops it (empty)."""
+    from lightning_dl.parallel.pipeline.split import split_model
+
+    model = _model()
+    rest = [p for n, p in model.named_parameters() if not n.startswith("0.")]
+    optimizer = torch.optim.Adam([{"params": rest}, {"params": model[0].parameters(), "lr": 1e-4}], lr=1e-2)
+    model(torch.randn(16, 8)).square().mean().backward()
+    optimizer.step()
+    save_sharded(tmp_path / "ckpt", model, [optimizer], {})
+    stage = _model()
+    split_model(stage, list(stage), keep=[2, 3])
+    stage_optimizer = torch.optim.Adam(stage.parameters(), lr=0.5)
+    load_sharded(tmp_path / "ckpt", stage, [stage_optimizer])
+    assert stage_optimizer.param_groups[0]["lr"] == 1e-2 and len(stage_optimizer.param_groups) == 1
+    want = _state_by_name(model, optimizer)
+    got = _state_by_name(stage, stage_optimizer)
+    assert set(got) == {n for n, _ in stage.named_parameters()} and len(got) == 12
+    for name, state in got.items():
+        for key, value in state.items():
+            _same(value, want[name][key], f"{name}.{key}")
