@@ -27,12 +27,33 @@ CHECKPOINT_KEY = "lightning_dl_comm"
 _COLLECTIVE_ERROR = re.compile(r"gloo|nccl|connection (closed|reset)|timed? ?out|peer|collective", re.IGNORECASE)
 
 
-class CommDDPStrategy(DDPStrategy):
+class DeadRankNaming(Strategy):
+    """What every strategy of ``lightning_dl.strategies.data_parallel.STRATEGIES`` shares with the others: its rows
+    of that table are its registered names, and after a failed collective its error names the ranks that did not
+    answer. Listed first among the bases (``class S(DeadRankNaming, DDPStrategy)``)."""
+
+    strategy_name: str
+    """The registered name, for messages."""
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        name_dead_ranks(self, exception)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        """Register the rows of ``lightning_dl.strategies.data_parallel.STRATEGIES`` that build this class."""
+        from lightning_dl.strategies.data_parallel import STRATEGIES
+
+        for name, strategy_cls, kwargs, description in STRATEGIES:
+            if strategy_cls is cls:
+                strategy_registry.register(name, cls, description=description, override=True, **kwargs)
+
+
+class CommDDPStrategy(DeadRankNaming, DDPStrategy):
     """``DDPStrategy`` with a communication hook, per-rank checkpoint state and a dead-rank diagnosis. Subclasses
     give ``_comm_hook``, ``_rank_state``/``_load_rank_state`` and ``_shared_state``/``_load_shared_state``."""
-
-    strategy_name: str = "ddp"
-    """The registered name, for messages."""
 
     def __init__(self, *, timeout: timedelta | float = DEFAULT_TIMEOUT, **ddp_kwargs: Any) -> None:
         super().__init__(timeout=as_timeout(timeout), **ddp_kwargs)
@@ -98,21 +119,6 @@ class CommDDPStrategy(DDPStrategy):
             )
             return
         self._load_rank_state(saved["ranks"][self.global_rank])
-
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        super().on_exception(exception)
-        name_dead_ranks(self, exception)
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        """Register the rows of ``lightning_dl.strategies.data_parallel.STRATEGIES`` that build this class."""
-        from lightning_dl.strategies.data_parallel import STRATEGIES
-
-        for name, strategy_cls, kwargs, description in STRATEGIES:
-            if strategy_cls is cls:
-                strategy_registry.register(name, cls, description=description, override=True, **kwargs)
 
 
 def name_dead_ranks(strategy: Any, exception: BaseException) -> None:

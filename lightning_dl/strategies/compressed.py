@@ -21,7 +21,9 @@ class CompressedDDPStrategy(CommDDPStrategy):
         rank: PowerSGD's approximation rank (>= 1).
         start_iter: backward passes of plain all-reduce before compressing (>= 0).
         timeout: collective timeout (seconds or ``timedelta``).
-        **ddp_kwargs: passed to ``DDPStrategy``.
+        **ddp_kwargs: passed to ``DDPStrategy``. ``gradient_as_bucket_view`` defaults to True here: the hook writes
+            the averaged gradient into DDP's bucket buffer, and the parameters' gradients are views of it (DDP does
+            not copy the buffer back into separate gradient tensors after every step).
 
     Example::
 
@@ -31,7 +33,7 @@ class CompressedDDPStrategy(CommDDPStrategy):
 
     def __init__(self, *, compressor: str = "int8", rank: int = 4, start_iter: int = 0, **ddp_kwargs: Any) -> None:
         check_compressor(compressor, rank, start_iter)
-        super().__init__(**ddp_kwargs)
+        super().__init__(**({"gradient_as_bucket_view": True} | ddp_kwargs))
         self.compressor, self.rank, self.start_iter = compressor, rank, start_iter
         self.strategy_name = f"ddp_{compressor}"
         self._state: CompressionState | None = None

@@ -15,10 +15,10 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_dl.strategies._comm import DEFAULT_TIMEOUT, as_timeout, name_dead_ranks
+from lightning_dl.strategies._comm import DEFAULT_TIMEOUT, DeadRankNaming, as_timeout
 
 
-class DeepSpeedCPUStrategy(DeepSpeedStrategy):
+class DeepSpeedCPUStrategy(DeadRankNaming, DeepSpeedStrategy):
     """``DeepSpeedStrategy`` that also runs on ``accelerator="cpu"`` (gloo); on CUDA it is Lightning's, unchanged.
 
     Args:
@@ -28,8 +28,11 @@ class DeepSpeedCPUStrategy(DeepSpeedStrategy):
 
     Example::
 
-        >>> DeepSpeedCPUStrategy(stage=2).zero_stage_3
-        False
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed announces its CPU accelerator on first use
+        ...     strategy = DeepSpeedCPUStrategy(stage=2)
+        >>> strategy.zero_stage_3, strategy.strategy_name
+        (False, 'deepspeed_zero2')
     """
 
     def __init__(self, *, stage: int = 2, timeout: timedelta | float = DEFAULT_TIMEOUT, **kwargs: Any) -> None:
@@ -77,21 +80,6 @@ class DeepSpeedCPUStrategy(DeepSpeedStrategy):
             dist_init_required=False,
         )
         return engine, deepspeed_optimizer
-
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        super().on_exception(exception)
-        name_dead_ranks(self, exception)
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        """Register the ``deepspeed_zero*`` rows of ``lightning_dl.strategies.data_parallel.STRATEGIES``."""
-        from lightning_dl.strategies.data_parallel import STRATEGIES
-
-        for name, strategy_cls, kwargs, description in STRATEGIES:
-            if strategy_cls is cls:
-                strategy_registry.register(name, cls, description=description, override=True, **kwargs)
 
 
 def optimizer_state_numel(strategy: DeepSpeedCPUStrategy) -> int:

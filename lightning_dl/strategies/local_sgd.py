@@ -3,10 +3,12 @@ on its own gradients and the parameters are averaged every ``sync_every`` optimi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -64,7 +66,11 @@ class LocalSGDStrategy(CommDDPStrategy):
     ) -> Any:
         steps_before = self._module.trainer.global_step  # Lightning counts this step once it returns
         self._local.allreduce = steps_before < self.warmup_steps
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        # local steps: the closure's forward and backward run under DDP's no_sync, so that DDP's reducer does no
+        # work at all (with the hook alone it would still copy every gradient into its buckets and back)
+        local = not self._local.allreduce and isinstance(self.model, DistributedDataParallel)
+        with self.model.no_sync() if local else contextlib.nullcontext():  # type: ignore[union-attr, operator]
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self.is_sync_step(steps_before + 1):
             self._synchronize()
         return output

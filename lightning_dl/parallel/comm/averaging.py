@@ -8,22 +8,43 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+IN_PLACE_NUMEL = 1 << 16
+"""Tensors at least this large are all-reduced in place; smaller ones travel together in one flat buffer."""
+
 
 def average_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None = None) -> int:
-    """Replace every tensor by its mean over the ranks of ``group`` (one flat all-reduce); returns the bytes this
-    rank sent. With one rank the tensors are unchanged."""
+    """Replace every tensor by its mean over the ranks of ``group``; returns the bytes this rank sent. Large tensors
+    are all-reduced in place (no copy into a flat buffer and back), the small ones in one flat all-reduce; every
+    collective is issued before any is waited on. With one rank (or no process group) the tensors are unchanged.
+
+    Example::
+
+        >>> average_([torch.ones(3)])  # no process group here: 12 bytes would be sent
+        12
+    """
     if not tensors:
         return 0
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    world = dist.get_world_size(group)
-    if world > 1:
-        dist.all_reduce(flat, group=group)
+    sent = sum(t.numel() * t.element_size() for t in tensors)
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    if world == 1:
+        return sent
+    large = [t.detach() for t in tensors if t.numel() >= IN_PLACE_NUMEL and t.is_contiguous()]
+    small = [t.detach() for t in tensors if not (t.numel() >= IN_PLACE_NUMEL and t.is_contiguous())]
+    flat = torch.cat([t.reshape(-1) for t in small]) if small else None
+    works = [dist.all_reduce(t, group=group, async_op=True) for t in large]
+    if flat is not None:
+        works.append(dist.all_reduce(flat, group=group, async_op=True))
+    for work in works:
+        work.wait()
+    for tensor in large:
+        tensor.div_(world)
+    if flat is not None:
         flat.div_(world)
-    offset = 0
-    for tensor in tensors:
-        tensor.detach().copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-        offset += tensor.numel()
-    return flat.numel() * flat.element_size()
+        offset = 0
+        for tensor in small:
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+    return sent
 
 
 def outer_step_(

@@ -13,14 +13,16 @@ from torch import nn
 
 from lightning_dl.parallel.comm.compressors import (
     check_compressor,
-    compressible,
     initial_q,
-    int8_decode,
-    int8_encode,
+    int8_decode_,
+    int8_quantize_,
+    int8_scale,
     orthogonalize_,
-    sign_decode,
-    sign_encode,
+    pack_bits_,
+    sign_bits_,
+    sign_decode_,
 )
+from lightning_dl.parallel.comm.workspace import BucketWorkspace
 
 # no `from __future__ import annotations`: DDP checks the hooks' annotations at runtime
 Future = torch.futures.Future[torch.Tensor]
@@ -61,6 +63,8 @@ class CompressionState:
         self.names = {id(p): name for name, p in module.named_parameters()}
         self.residuals: dict[str, torch.Tensor] = {}
         self.qs: dict[str, torch.Tensor] = {}
+        self.workspaces: dict[tuple[str, ...], BucketWorkspace] = {}
+        """Preallocated buffers by bucket layout (the names of the bucket's parameters); ``residuals`` views them."""
         self.iter = 0
         self.bytes_sent = 0
 
@@ -80,18 +84,22 @@ class CompressionState:
         self.qs = {k: v.to(device) for k, v in state["qs"].items()}
 
 
-def _views(bucket: dist.GradBucket, state: CompressionState) -> list[tuple[str, torch.Tensor]]:
-    """(parameter name, gradient view into the bucket's flat buffer), in buffer order."""
-    buffer, offset, views = bucket.buffer(), 0, []
-    for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
-        views.append((state.names[id(param)], buffer[offset : offset + grad.numel()].view_as(grad)))
-        offset += grad.numel()
-    return views
-
-
-def _with_residual(state: CompressionState, name: str, grad: torch.Tensor) -> torch.Tensor:
-    residual = state.residuals.get(name)
-    return grad.float() if residual is None else grad.float() + residual
+def _workspace(state: CompressionState, bucket: dist.GradBucket) -> BucketWorkspace:
+    """The preallocated buffers of this bucket's layout (built at its first compressed step, and again when DDP
+    rebuilds its buckets), with ``state.residuals`` pointing into them."""
+    names = tuple(state.names[id(p)] for p in bucket.parameters())
+    ws = state.workspaces.get(names)
+    if ws is None:
+        for key in [k for k in state.workspaces if set(k) & set(names)]:  # an earlier layout of these tensors
+            del state.workspaces[key]
+        shapes = [g.shape for g in bucket.gradients()]
+        device = bucket.buffer().device
+        ws = BucketWorkspace(
+            list(names), shapes, state.compressor, world=state.world_size(), rank=state.rank, device=device
+        )
+        state.workspaces[names] = ws
+    ws.adopt(state.residuals)
+    return ws
 
 
 def _allreduce_mean(state: CompressionState, bucket: dist.GradBucket) -> Future:
@@ -110,97 +118,123 @@ def _active(state: CompressionState, bucket: dist.GradBucket) -> bool:
     return active
 
 
+def _float_buffer(bucket: dist.GradBucket) -> torch.Tensor:
+    buffer = bucket.buffer()
+    return buffer if buffer.dtype == torch.float32 else buffer.float()
+
+
 def quantized_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
     """``int8`` or ``sign`` all-reduce with error feedback: every rank all-gathers the others' codes and scales in
-    one byte tensor and averages the decoded values."""
+    one byte tensor and averages the decoded values.
+
+    In place, in the bucket's preallocated buffers: the residual becomes ``c = g + e``; this rank's decoded message
+    is written over the gradient in the bucket buffer (no longer needed) and ``e ← c − sent``; after the all-gather
+    the ranks' decoded messages are summed and divided by the world size, the same numbers in the same order on
+    every rank (with two ranks, ``a + b == b + a``), so that every rank gets the same bits."""
     if not _active(state, bucket):
         return _allreduce_mean(state, bucket)
-    encode = int8_encode if state.compressor == "int8" else sign_encode
-    views = _views(bucket, state)
-    codes_list, scales, layout = [], [], []
-    for name, grad in views:
-        corrected = _with_residual(state, name, grad)
-        codes, scale = encode(corrected)
-        sent = int8_decode(codes, scale) if state.compressor == "int8" else sign_decode(codes, scale, grad.numel())
-        state.residuals[name] = corrected - sent.view_as(grad)
-        codes_list.append(codes)
-        scales.append(scale)
-        layout.append(codes.numel())
-    # scales first (float32, aligned at the start), then every tensor's codes: one byte tensor per rank
-    head = 4 * len(scales)
-    local = torch.cat([torch.cat(scales).view(torch.uint8), *codes_list])
-    state.bytes_sent += local.numel()
-    gathered = [torch.empty_like(local) for _ in range(state.world_size())]
-    work = dist.all_gather(gathered, local, group=state.process_group, async_op=True)
+    ws = _workspace(state, bucket)
+    out = _float_buffer(bucket)
+    ws.residual.add_(out)  # c = g + e, every tensor of the bucket at once
+    sign = state.compressor == "sign"
+    if sign:
+        _sign_encode(ws, out)
+    else:
+        for i in range(len(ws.names)):
+            c = ws.view(ws.residual, i)
+            ws.scales[i] = int8_scale(c)
+            int8_quantize_(c, ws.scales[i], ws.codes(ws.message, i), ws.view(out, i))
+        ws.residual.sub_(out)  # e = c − sent, exact (Sterbenz)
+    state.bytes_sent += ws.message.numel()
+    world, me = state.world_size(), dist.get_rank(state.process_group)
+    work = dist.all_gather(ws.received, ws.message, group=state.process_group, async_op=True)
 
     def decode(fut: Future) -> torch.Tensor:
-        for _, grad in views:
-            grad.zero_()
-        for rank_bytes in gathered:
-            rank_scales, offset = rank_bytes[:head].view(torch.float32), head
-            for i, ((_, grad), code_len) in enumerate(zip(views, layout, strict=True)):
-                codes = rank_bytes[offset : offset + code_len]
-                offset += code_len
-                scale = rank_scales[i : i + 1]
-                if state.compressor == "int8":
-                    value = int8_decode(codes, scale)
-                else:
-                    value = sign_decode(codes, scale, grad.numel())
-                grad.add_(value.view_as(grad))
-        return bucket.buffer().div_(len(gathered))
+        heads = [r[: 4 * len(ws.names)].view(torch.float32) for r in ws.received]
+        for i in range(len(ws.names)):
+            target, scratch = ws.view(out, i), ws.view(ws.scratch, i)
+            if world == 2 and sign:  # `target` holds this rank's signs (±1): (s_me·σ_me + s_o·σ_o) / 2
+                other = ws.codes(ws.received[1 - me], i)
+                sign_decode_(other, heads[1 - me][i] / 2, scratch, ws.index)
+                torch.add(scratch, target, alpha=float(heads[me][i]) / 2, out=target)
+                continue
+            if world == 2:  # `target` holds this rank's q·s
+                target.add_(int8_decode_(ws.codes(ws.received[1 - me], i), heads[1 - me][i], scratch))
+                continue
+            for r in range(world):
+                codes, term = ws.codes(ws.received[r], i), target if r == 0 else scratch
+                sign_decode_(codes, heads[r][i], term, ws.index) if sign else int8_decode_(codes, heads[r][i], term)
+                if r:
+                    target.add_(term)
+        if not (world == 2 and sign):
+            out.div_(world)
+        if out is not bucket.buffer():
+            bucket.buffer().copy_(out)
+        return bucket.buffer()
 
     return work.get_future().then(decode)
+
+
+def _sign_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
+    """This rank's sign message and residual, from ``c`` in ``ws.residual``: the signs packed into the message; the
+    unit signs σ decoded into ``out``; ``s = c·σ / n`` (= ‖c‖₁ / n); ``e ← c − s·σ`` (``s·σ`` is ``±s`` exactly)."""
+    for i in range(len(ws.names)):
+        sign_bits_(ws.view(ws.residual, i), ws.sign_bits(i))
+    pack_bits_(ws.bits, ws.words, ws.message[ws.code_offsets[0] :])
+    for i, n in enumerate(ws.numels):
+        c, unit = ws.view(ws.residual, i), ws.view(out, i)
+        sign_decode_(ws.codes(ws.message, i), 1.0, unit, ws.index)
+        ws.scales[i] = torch.dot(c, unit) / n if n else 0.0
+        c.sub_(unit, alpha=float(ws.scales[i]))
 
 
 def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
     """PowerSGD with error feedback and warm start: matrices worth compressing go as ``P`` then ``Q`` (two
     all-reduces), the others uncompressed with the first. Residual ``M − P̂·Q_localᵀ`` (Vogels et al. 2019).
+    Every product is written into preallocated buffers: ``P`` and ``Qᵀ`` into the two messages, the residual
+    update in place (``addmm_``), the result straight into the bucket buffer.
 
     Both all-reduces run inside the hook, in bucket order: issuing the second from a future's callback lets ranks
     order collectives of different buckets differently, and gloo then hangs (seen with a multi-bucket model)."""
     if not _active(state, bucket):
         return _allreduce_mean(state, bucket)
-    world = state.world_size()
-    views = _views(bucket, state)
-    matrices, ps, plain = [], [], []
-    for name, grad in views:
-        corrected = _with_residual(state, name, grad)
-        if compressible(grad.shape, state.rank):
-            m = corrected.view(grad.shape[0], -1)
-            if name not in state.qs:
-                state.qs[name] = initial_q(grad.shape, state.rank, state.seed + zlib.crc32(name.encode())).to(m.device)
-            matrices.append((name, grad, m))
-            ps.append(m @ state.qs[name])
-        else:
-            state.residuals.pop(name, None)
-            plain.append((grad, corrected))
-    first = torch.cat([p.reshape(-1) for p in ps] + [c.reshape(-1) for _, c in plain])
-    state.bytes_sent += first.numel() * first.element_size()
-    dist.all_reduce(first, group=state.process_group)
-    first.div_(world)
-    offset, p_hats = 0, []
-    for p in ps:
-        p_hats.append(orthogonalize_(first[offset : offset + p.numel()].view_as(p).clone()))
-        offset += p.numel()
-    for grad, _ in plain:
-        grad.copy_(first[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
-    qs = []
-    for (name, grad, m), p_hat in zip(matrices, p_hats, strict=True):
-        q = m.T @ p_hat
-        state.residuals[name] = (m - p_hat @ q.T).view_as(grad)
-        qs.append(q)
-    if qs:
-        flat = torch.cat([q.reshape(-1) for q in qs])
-        state.bytes_sent += flat.numel() * flat.element_size()
-        dist.all_reduce(flat, group=state.process_group)
-        flat.div_(world)
-        offset = 0
-        for (name, grad, _), p_hat, q in zip(matrices, p_hats, qs, strict=True):
-            q_mean = flat[offset : offset + q.numel()].view_as(q)
-            offset += q.numel()
-            state.qs[name] = q_mean.clone()
-            grad.copy_((p_hat @ q_mean.T).view_as(grad))
+    world, r = state.world_size(), state.rank
+    ws = _workspace(state, bucket)
+    out = _float_buffer(bucket)
+    matrices = []
+    for i, name in enumerate(ws.names):
+        grad = ws.view(out, i)
+        if not ws.compressed[i]:
+            ws.first[ws.plain_offsets[i] : ws.plain_offsets[i] + grad.numel()].copy_(grad)
+            continue
+        rows = ws.shapes[i][0]
+        m = ws.residual_views[i].view(rows, -1)
+        m.add_(grad.view(rows, -1))  # M = g + e
+        if name not in state.qs:
+            state.qs[name] = initial_q(ws.shapes[i], r, state.seed + zlib.crc32(name.encode())).to(m.device)
+        p = ws.first[ws.p_offsets[i] : ws.p_offsets[i] + rows * r].view(rows, r)
+        torch.mm(m, state.qs[name], out=p)
+        q_t = ws.second[ws.q_offsets[i] : ws.q_offsets[i] + m.shape[1] * r].view(r, m.shape[1])
+        matrices.append((name, grad.view(rows, -1), m, p, q_t))
+    state.bytes_sent += ws.first.numel() * ws.first.element_size()
+    dist.all_reduce(ws.first, group=state.process_group)
+    ws.first.div_(world)
+    for i in range(len(ws.names)):
+        if not ws.compressed[i]:
+            ws.view(out, i).copy_(ws.first[ws.plain_offsets[i] : ws.plain_offsets[i] + ws.numels[i]])
+    for _, _, m, p_hat, q_t in matrices:
+        orthogonalize_(p_hat)
+        torch.mm(p_hat.T, m, out=q_t)  # this rank's Qᵀ = P̂ᵀM (on CPU 3x faster than MᵀP̂ into Q)
+        m.addmm_(p_hat, q_t, alpha=-1.0)  # residual e = M − P̂Qᵀ
+    if matrices:
+        state.bytes_sent += ws.second.numel() * ws.second.element_size()
+        dist.all_reduce(ws.second, group=state.process_group)
+        ws.second.div_(world)
+        for name, grad, _, p_hat, q_mean_t in matrices:
+            state.qs[name].copy_(q_mean_t.T)
+            torch.mm(p_hat, q_mean_t, out=grad)
+    if out is not bucket.buffer():
+        bucket.buffer().copy_(out)
     return _done(bucket.buffer())
 
 

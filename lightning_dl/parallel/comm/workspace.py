@@ -1,0 +1,109 @@
+"""Preallocated buffers of one DDP gradient bucket for the compressed hooks: the residuals of its tensors in one flat
+float32 buffer (``CompressionState.residuals`` holds views into it, by parameter name), the message a rank sends,
+the messages it receives and the scratch that packing bits needs. Allocated once per bucket layout, so that a step
+makes no large allocation (every new multi-megabyte tensor costs page faults on first touch)."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_dl.parallel.comm.compressors import compressible
+
+
+class BucketWorkspace:
+    """Buffers of one bucket, laid out like DDP's flat bucket buffer (tensor ``i`` at ``offsets[i]``).
+
+    Args:
+        names: the parameter names of the bucket, in buffer order.
+        shapes: their gradient shapes.
+        compressor: ``"int8"``, ``"sign"`` or ``"powersgd"``.
+        world: ranks in the process group (one receive buffer each).
+        rank: PowerSGD's approximation rank.
+        device: where the buffers live (the bucket's device).
+
+    Example::
+
+        >>> ws = BucketWorkspace(["w", "b"], [torch.Size([3, 4]), torch.Size([3])], "sign", world=2)
+        >>> ws.offsets, ws.code_offsets, ws.message.numel()  # 4 bytes of scale per tensor, then 2 + 1 code bytes
+        ([0, 12], [8, 10], 11)
+    """
+
+    def __init__(
+        self,
+        names: list[str],
+        shapes: list[torch.Size],
+        compressor: str,
+        *,
+        world: int,
+        rank: int = 4,
+        device: torch.device | None = None,
+    ) -> None:
+        self.names, self.shapes = names, shapes
+        self.numels = [s.numel() for s in shapes]
+        self.offsets = [sum(self.numels[:i]) for i in range(len(shapes))]
+        total = sum(self.numels)
+        self.residual = torch.zeros(total, device=device)
+        """Residuals (error feedback) of every tensor of the bucket, flat, in buffer order."""
+        self.residual_views = [self.view(self.residual, i).view(s) for i, s in enumerate(shapes)]
+        if compressor == "powersgd":
+            self.compressed = [compressible(s, rank) for s in shapes]
+            self.message = torch.empty(0, dtype=torch.uint8)
+            # first all-reduce: P of each compressed matrix, then the plain tensors; second: Q of each matrix
+            pairs = list(zip(shapes, self.compressed, strict=True))
+            p_sizes = [s[0] * rank if c else 0 for s, c in pairs]
+            q_sizes = [s.numel() // s[0] * rank if c else 0 for s, c in pairs]
+            plain = [0 if c else s.numel() for s, c in pairs]
+            self.p_offsets = _starts(p_sizes)
+            self.plain_offsets = [sum(p_sizes) + o for o in _starts(plain)]
+            self.q_offsets = _starts(q_sizes)
+            self.first = torch.empty(sum(p_sizes) + sum(plain), device=device)
+            self.second = torch.empty(sum(q_sizes), device=device)
+            return
+        self.compressed = [True] * len(shapes)
+        code_sizes = self.numels if compressor == "int8" else [-(-n // 8) for n in self.numels]
+        head = 4 * len(shapes)  # float32 scales first, aligned at the start of the message
+        self.code_offsets = [head + o for o in _starts(code_sizes)]
+        self.code_sizes = code_sizes
+        self.message = torch.zeros(head + sum(code_sizes), dtype=torch.uint8, device=device)
+        self.scales = self.message[:head].view(torch.float32)
+        self.received = [torch.empty_like(self.message) for _ in range(world)]
+        self.scratch = torch.empty(total, device=device)
+        """Another rank's decoded message, before it is added."""
+        if compressor == "sign":
+            packed = sum(code_sizes)
+            # tensor i's signs as 0/1 bytes at 8 * (its code offset), zero padding up to a multiple of 8
+            self.bits = torch.zeros(8 * packed, dtype=torch.bool, device=device)
+            self.words = torch.empty(packed, dtype=torch.int64, device=device)
+            self.index = torch.empty(max(code_sizes, default=0), dtype=torch.int32, device=device)
+
+    def view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
+        """Tensor ``i``'s part of a flat bucket-shaped ``buffer``, flat."""
+        return buffer[self.offsets[i] : self.offsets[i] + self.numels[i]]
+
+    def codes(self, message: torch.Tensor, i: int) -> torch.Tensor:
+        """Tensor ``i``'s code bytes in ``message`` (this rank's or a received one)."""
+        start = self.code_offsets[i]
+        return message[start : start + self.code_sizes[i]]
+
+    def sign_bits(self, i: int) -> torch.Tensor:
+        """Tensor ``i``'s 0/1 sign bytes (without the padding)."""
+        start = 8 * (self.code_offsets[i] - self.code_offsets[0])
+        return self.bits[start : start + self.numels[i]]
+
+    def adopt(self, residuals: dict[str, torch.Tensor]) -> None:
+        """Make ``residuals[name]`` a view into this workspace for every compressed tensor, keeping the values an
+        entry already holds (a loaded checkpoint, or the residual of an earlier bucket layout)."""
+        for i, name in enumerate(self.names):
+            if not self.compressed[i]:
+                continue
+            view = self.residual_views[i]
+            old = residuals.get(name)
+            if old is view:
+                continue
+            if old is not None:
+                view.copy_(old.reshape(self.shapes[i]))
+            residuals[name] = view
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:i]) for i in range(len(sizes))]
