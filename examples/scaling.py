@@ -54,8 +54,8 @@ def layout_name(layout: ParallelLayout) -> str:
 
 def strategy_for(layout: ParallelLayout) -> Any:
     """The strategy that trains ``layout``: ``HybridStrategy(layout=...)`` for every layout of more than one process
-    (one engine: pipeline stages, TP on each stage, all-reduce over dp; 1F1B over ``MICROBATCHES`` micro-batches),
-    Lightning's default for one process."""
+    (one engine: pipeline stages, TP on each stage, all-reduce over dp; 1F1B over ``MICROBATCHES`` micro-batches
+    where pp > 1), Lightning's default for one process."""
     from lightning_dl.strategies import HybridStrategy
 
     if layout.world_size == 1:
@@ -64,12 +64,15 @@ def strategy_for(layout: ParallelLayout) -> Any:
 
 
 def describe(strategy: Any) -> str:
-    """How a layout was trained, for the report: the strategy's class and what sets it apart."""
+    """How a layout was trained, for the report: the strategy's class, its layout and, where a pipeline runs
+    (pp > 1), its schedule."""
     if isinstance(strategy, str):
         return strategy
     layout = getattr(strategy, "parallel_layout", None)
-    schedule, micro = getattr(strategy, "schedule", None), getattr(strategy, "n_microbatches", None)
-    return f"{type(strategy).__name__}(layout={str(layout)!r}, schedule={schedule!r}, n_microbatches={micro})"
+    parts = [f"layout={str(layout)!r}"]
+    if layout is not None and layout.pp > 1:
+        parts += [f"schedule={strategy.schedule!r}", f"n_microbatches={strategy.n_microbatches}"]
+    return f"{type(strategy).__name__}({', '.join(parts)})"
 
 
 def _fit(layout: ParallelLayout, args: argparse.Namespace) -> dict[str, Any]:
