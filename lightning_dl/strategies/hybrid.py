@@ -1,88 +1,79 @@
-"""``HybridStrategy``: data × tensor × pipeline parallelism on one DeviceMesh ``("pp", "dp", "tp")``, given as one
-string (``layout="dp2,tp2,pp2"``) or chosen from the device count and the model. Lightning glue only: the stages come
-from ``lightning_dl.parallel.pipeline``, the shards from ``lightning_dl.parallel.tensor``."""
+"""``HybridStrategy``: the model-parallel engine. Data × tensor × pipeline parallelism on one DeviceMesh ``("pp",
+"dp", "tp")`` for any ``ParallelLayout``, given as one string (``layout="dp2,tp2,pp2"``) or chosen from the device
+count and the model. ``PipelineStrategy`` and ``TensorParallelStrategy`` are presets of it. Lightning glue only: the
+stages come from ``lightning_dl.parallel.pipeline``, the shards from ``lightning_dl.parallel.tensor``."""
 
 from __future__ import annotations
 
-import copy
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Sequence
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_context
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_dl.parallel.grad_norm import total_norm
 from lightning_dl.parallel.layout import ParallelLayout
-from lightning_dl.parallel.pipeline import StageModule, all_reduce_mean
-from lightning_dl.parallel.tensor import TPPlan, apply_tp, auto_plan
+from lightning_dl.parallel.pipeline import Event, all_reduce_mean
+from lightning_dl.parallel.tensor import TPPlan, apply_fsdp, apply_tp
 from lightning_dl.parallel.tensor.apply import Plan
-from lightning_dl.strategies._model_parallel import gather_optimizer_state, gather_state_dict
-from lightning_dl.strategies.pipeline import PipelineStrategy, _builds_in_configure_model, _check_module
+from lightning_dl.strategies._engine_checkpoint import (
+    CheckpointingStrategy,
+    local,
+    optimizer_layout,
+)
+from lightning_dl.strategies._engine_layout import (
+    CHECKPOINT_FORMATS,
+    FULL_CHECKPOINT_LIMIT,
+    check_layout,
+    choose_layout,
+)
+from lightning_dl.strategies._engine_pipeline import (
+    PipelineRunner,
+    builds_in_configure_model,
+    check_pipeline_module,
+    unpack,
+)
+from lightning_dl.strategies._model_parallel import FullStateLauncher, first_optimizer, use_global_norm_clipping
 
-log = logging.getLogger(__name__)
+PRECISIONS = ("32-true", "bf16-mixed")
+"""Precisions the engine runs on CPU (tested): ``16-mixed`` needs CUDA, the ``*-true`` half types are refused."""
+START_METHODS = ("spawn", "fork", "forkserver")
 
-
-def choose_layout(devices: int, blocks: Sequence[nn.Module]) -> tuple[ParallelLayout, str]:
-    """A layout for ``devices`` processes and a model of ``blocks``, and why: tp2 where the automatic plan finds
-    Linear pairs to shard (tp ranks talk twice per block, so the degree stays small), pp2 where there are at least 2
-    blocks per stage, the rest data parallel.
-
-    Example::
-
-        >>> blocks = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)) for _ in range(4)]
-        >>> choose_layout(8, blocks)[0]
-        ParallelLayout(dp=2, tp=2, pp=2)
-        >>> choose_layout(2, [nn.Embedding(8, 4), nn.LayerNorm(4)])[0]
-        ParallelLayout(dp=2, tp=1, pp=1)
-    """
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise ValueError(f"`devices={devices!r}` must be a positive integer.")
-    reasons = []
-    tp = 1
-    if devices % 2 == 0:
-        if _shardable(blocks, 2):
-            tp = 2
-            reasons.append("tp2: the plan finds Linear pairs to shard")
-        else:
-            reasons.append("tp1: the plan finds no Linear pairs to shard")
-    pp = 1
-    if (devices // tp) % 2 == 0:
-        if len(blocks) >= 4:
-            pp = 2
-            reasons.append(f"pp2: {len(blocks)} blocks give at least 2 per stage")
-        else:
-            reasons.append(f"pp1: {len(blocks)} blocks, pp2 needs at least 4 (2 per stage)")
-    dp = devices // (tp * pp)
-    reasons.append(f"dp{dp}: the remaining processes replicate the model")
-    return ParallelLayout(dp=dp, tp=tp, pp=pp), "; ".join(reasons)
+__all__ = ["CHECKPOINT_FORMATS", "FULL_CHECKPOINT_LIMIT", "HybridStrategy", "choose_layout"]
 
 
-def _shardable(blocks: Sequence[nn.Module], tp: int) -> bool:
-    try:
-        return bool(auto_plan(StageModule(list(blocks), 0), tp).sharded_names)
-    except Exception:  # a model the planner cannot trace has nothing it can shard
-        return False
-
-
-class HybridStrategy(PipelineStrategy):
-    """Split the module's ``pipeline_blocks()`` into ``pp`` stages, shard each stage over ``tp`` processes with
-    :func:`~lightning_dl.parallel.tensor.apply_tp`, and average gradients over ``dp`` replicas (a plain all-reduce).
+class HybridStrategy(CheckpointingStrategy):
+    """Any layout ``dp × tp × pp`` on one mesh, applied in this order: the module's ``pipeline_blocks()`` split into
+    ``pp`` stages (pp > 1), tensor parallelism on each stage (or on the whole module when pp = 1) over ``tp``, then
+    FSDP2 over ``dp`` (``dp_shard=True``) or a plain gradient all-reduce over ``dp``. With pp = 1 the module's own
+    ``training_step`` runs (any LightningModule); with pp > 1 a pipeline schedule runs inside ``training_step``.
 
     Args:
-        layout: ``"dp2,tp2,pp2"`` (a dimension left out is 1), a :class:`ParallelLayout`, or None to choose one
-            from the device count and the model (printed with the reason).
-        schedule, n_microbatches, balance, seed, timeout, start_method: as for
-            :class:`~lightning_dl.strategies.PipelineStrategy` (one stage per process).
-        plan: the tensor-parallel plan of each stage: ``"auto"``, a dict of submodule names (relative to the stage,
-            ``blocks.<i>.<name>``) to styles, or a callable ``(stage, tp_mesh)``.
-        dp_shard: False: gradients are all-reduced over dp and every replica keeps the whole stage shard.
+        layout: ``"dp2,tp2,pp2"`` (a dimension left out is 1), a :class:`ParallelLayout`, or None to choose one from
+            the device count and the model (printed with the reason).
+        schedule, n_microbatches, stages_per_rank, balance, record_timeline, seed: the pipeline's, as for
+            :class:`~lightning_dl.strategies.PipelineStrategy` (used when pp > 1).
+        plan: the tensor-parallel plan (of each stage when pp > 1, names relative to it: ``blocks.<i>.<name>``):
+            ``"auto"``, a dict of submodule names to styles, or a callable ``(module, tp_mesh)``.
+        dp_shard: True: FSDP2 (``fully_shard``) over dp after TP; False: gradients all-reduced over dp, every replica
+            keeps its whole part of the model.
+        loss_parallel, sequence_parallel: as for :class:`~lightning_dl.strategies.TensorParallelStrategy` (pp = 1).
+        checkpoint_format: ``"full"`` (one file of plain tensors that loads ``strict=True`` into the plain module,
+            optimizer state in the single-process format), ``"sharded"`` (a torch.distributed.checkpoint folder with
+            the plain module's names) or ``"auto"``: full below ``FULL_CHECKPOINT_LIMIT`` bytes of parameters.
+        timeout, start_method, process_group_backend: collective timeout (a dead rank is reported after at most this
+            long), how the launcher starts processes, the process-group backend (default: gloo on CPU).
 
     Example::
 
@@ -92,6 +83,10 @@ class HybridStrategy(PipelineStrategy):
     """
 
     strategy_name = "hybrid"
+    _pipeline_always = False
+    """Presets that always run the pipeline (``PipelineStrategy``: even on one process)."""
+    _require_shardable = True
+    """Whether tp > 1 on a module whose automatic plan shards nothing is an error (before any process starts)."""
 
     def __init__(
         self,
@@ -99,35 +94,58 @@ class HybridStrategy(PipelineStrategy):
         layout: str | ParallelLayout | None = None,
         schedule: str = "1f1b",
         n_microbatches: int = 4,
+        stages_per_rank: int | None = None,
         plan: Plan = "auto",
         dp_shard: bool = False,
+        loss_parallel: bool = False,
+        sequence_parallel: bool = False,
         balance: str | Sequence[int] = "params",
+        record_timeline: bool = False,
         seed: int = 0,
+        checkpoint_format: str = "auto",
         timeout: timedelta = timedelta(seconds=300),
-        start_method: str = "spawn",
-        **kwargs: Any,
+        start_method: Literal["spawn", "fork", "forkserver"] = "spawn",
+        process_group_backend: str | None = None,
     ) -> None:
-        parsed = layout if isinstance(layout, ParallelLayout) or layout is None else ParallelLayout.parse(layout)
-        if dp_shard:
+        if start_method not in START_METHODS:
+            raise ValueError(f"`start_method={start_method!r}` must be one of {START_METHODS}.")
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"`checkpoint_format={checkpoint_format!r}` must be one of {CHECKPOINT_FORMATS}.")
+        if isinstance(plan, str) and plan != "auto":
+            raise ValueError(f"`plan={plan!r}` must be 'auto', a dict of module name to style, or a callable.")
+        if sequence_parallel and not isinstance(plan, str):
             raise ValueError(
-                "`dp_shard=True` (FSDP2 over dp) is not composed with pipeline stages yet; use dp_shard=False "
-                "(gradients all-reduced over dp)."
+                "`sequence_parallel=True` applies to plan='auto'; a hand-written plan splits the sequence with its "
+                "own styles ('sequence', or torch's SequenceParallel and layouts)."
             )
+        parsed = layout if isinstance(layout, ParallelLayout) or layout is None else ParallelLayout.parse(layout)
         super().__init__(
+            save_distributed_checkpoint=checkpoint_format == "sharded",
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.runner = PipelineRunner(
             schedule=schedule,
             n_microbatches=n_microbatches,
-            stages_per_rank=1,
+            stages_per_rank=stages_per_rank,
             balance=balance,
-            data_parallel_size=parsed.dp if parsed is not None else 1,
+            record_timeline=record_timeline,
             seed=seed,
-            timeout=timeout,
-            start_method=start_method,
-            **kwargs,
         )
         self.parallel_layout = parsed
         self.plan = plan
         self.dp_shard = dp_shard
-        self.tp_plans: dict[int, TPPlan] = {}
+        self.loss_parallel = loss_parallel
+        self.sequence_parallel = sequence_parallel
+        self.checkpoint_format = checkpoint_format
+        self.start_method = start_method
+        self.applied_plan: TPPlan | None = None
+        self._format = checkpoint_format
+        self._built = False
+        self._pipelined = False
+        self._state_keys: list[str] = []
+        self._optimizer_layouts: list[list[list[str]]] | None = None
+        self._groups: dict[tuple[int, str], dist.ProcessGroup | None] = {}
 
     @classmethod
     @override
@@ -138,191 +156,281 @@ class HybridStrategy(PipelineStrategy):
 
     # --- layout -------------------------------------------------------------------------------------------------
     @property
-    @override
-    def pp_size(self) -> int:
-        return self.parallel_layout.pp if self.parallel_layout is not None else 1
+    def layout(self) -> ParallelLayout | None:
+        """The layout of the run (None until it is chosen)."""
+        return self.parallel_layout
 
-    def _resolve_layout(self, world_size: int, blocks: Sequence[nn.Module] | None) -> ParallelLayout:
+    @property
+    def schedule(self) -> str:
+        return self.runner.schedule
+
+    @property
+    def n_microbatches(self) -> int:
+        return self.runner.n_microbatches
+
+    @property
+    def stages_per_rank(self) -> int:
+        return self.runner.stages_per_rank
+
+    def _layout_for(self, world_size: int, module: L.LightningModule | None) -> ParallelLayout:
+        """The degrees for ``world_size`` processes (presets derive them from their sizes)."""
         if self.parallel_layout is None:
-            if blocks is None:
+            if module is None or builds_in_configure_model(module):
                 raise ValueError(
                     "`strategy='hybrid'` without `layout` chooses one from the model's blocks, which "
                     "`configure_model()` builds inside the processes: give `layout`, e.g. 'dp2,pp2'."
                 )
+            blocks = list(module.pipeline_blocks()) if callable(getattr(module, "pipeline_blocks", None)) else []  # type: ignore[operator]
             chosen, reason = choose_layout(world_size, blocks)
             rank_zero_info(f"HybridStrategy chose layout {chosen} for {world_size} processes ({reason}).")
             self.parallel_layout = chosen
-            self.data_parallel_size = chosen.dp
-        layout = self.parallel_layout
-        layout.check_world_size(world_size)
-        if blocks is not None:
-            if layout.pp > len(blocks):
-                raise ValueError(
-                    f"`layout='{layout}'` asks for pp{layout.pp} stages, but `pipeline_blocks()` returns {len(blocks)} "
-                    f"blocks: use pp <= {len(blocks)} (every stage needs a block) or split the model finer."
-                )
-            if layout.tp_enabled and not _shardable(blocks, layout.tp):
-                raise ValueError(
-                    f"`layout='{layout}'` asks for tp{layout.tp}, but the tensor-parallel plan finds no Linear pairs "
-                    f"of {', '.join(type(b).__name__ for b in blocks[:4])}... divisible by {layout.tp}: use tp1 "
-                    "(dp or pp only) or a model with Linear pairs."
-                )
-        return layout
-
-    @property
-    def layout(self) -> ParallelLayout | None:
-        """The layout of the run (the pipeline strategy's ``layout``, with tp)."""
         return self.parallel_layout
 
-    @layout.setter
-    def layout(self, value: ParallelLayout | None) -> None:
-        # the pipeline strategy assigns its own (dp, pp) layout in ``_build``: the same degrees, without tp
-        mine = getattr(self, "parallel_layout", None)
-        if value is not None and mine is not None and (value.dp, value.pp) != (mine.dp, mine.pp):
-            raise RuntimeError(f"the pipeline built the layout {value}, the hybrid strategy holds {mine}.")
+    def _resolve(self, world_size: int, module: L.LightningModule) -> ParallelLayout:
+        """The layout, checked against the world size and the module (blocks, plan) where they are known."""
+        layout = self._layout_for(world_size, module)
+        layout.check_world_size(world_size)
+        self._pipelined = self._pipeline_always or layout.pp_enabled
+        if self._pipelined and self.loss_parallel:
+            raise ValueError("`loss_parallel=True` applies to layouts with pp1: a pipeline computes `pipeline_loss`.")
+        check_layout(self, layout, module, pipelined=self._pipelined)
+        return layout
 
-    @override
-    def _check_layout(self, world_size: int, blocks: int | None) -> int:
-        if self.parallel_layout is None:
-            raise RuntimeError("the hybrid layout is resolved before the pipeline checks it.")
-        self.parallel_layout.check_world_size(world_size)
-        return super()._check_layout(self.parallel_layout.dp * self.parallel_layout.pp, blocks)
-
-    @override
     def check_before_launch(self, trainer: L.Trainer) -> None:
-        module = trainer.lightning_module
-        _check_module(module)
-        blocks = None if _builds_in_configure_model(module) else list(module.pipeline_blocks())  # type: ignore[operator]
-        world_size = self.num_nodes * self.num_processes
-        self._resolve_layout(world_size, blocks)
-        self._check_layout(world_size, None if blocks is None else len(blocks))
+        """Everything that can be checked in the calling process, before any process starts."""
+        self._resolve(self.num_nodes * self.num_processes, trainer.lightning_module)
+
+    def _check_at_construction(self) -> None:
+        precision = str(getattr(self.precision_plugin, "precision", "32-true"))
+        if self.root_device.type == "cpu" and precision not in PRECISIONS:
+            raise ValueError(
+                f"`precision={precision!r}` is not supported by {type(self).__name__} on CPU; valid: {PRECISIONS}."
+            )
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        self._check_at_construction()
+        if not self.cluster_environment.creates_processes_externally:  # torchrun, or a harness that set RANK etc.
+            self._launcher = FullStateLauncher(self, start_method=self.start_method)
+
+    @override
+    def setup_environment(self) -> None:
+        self._setup_distributed()
+        module = self.lightning_module
+        assert module is not None
+        layout = self._resolve(self.world_size, module)
+        self._device_mesh = layout.build_mesh(self.root_device.type)
+        module._device_mesh = self._device_mesh  # a module's configure_model() may read `self.device_mesh`
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        assert self.parallel_layout is not None
+        return {"num_replicas": self.parallel_layout.dp, "rank": self._coordinates["dp"]}
+
+    def _group(self, dim: str) -> dist.ProcessGroup | None:
+        """The process group of mesh dimension ``dim`` (None when it has one rank), looked up once per mesh."""
+        if self._device_mesh is None:
+            return None
+        key = (id(self._device_mesh), dim)
+        if key not in self._groups:
+            sub = self.device_mesh[dim]
+            self._groups[key] = sub.get_group() if sub.size() > 1 else None
+        return self._groups[key]
+
+    @property
+    def grad_norm_group(self) -> dist.ProcessGroup | None:
+        """The pipeline group: stages hold different parameters, so norms are summed over it (GradientClipping)."""
+        return self._group("pp")
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        # a module that builds itself in configure_model() (the strategy holds the module then) is created on the
+        # meta device and materialised per stage and shard; `trainer.init_module()` builds real tensors unless asked
+        meta = empty_init is True or (empty_init is None and self._lightning_module is not None)
+        with torch.device("meta") if meta else nullcontext(), self.precision_plugin.tensor_init_context():
+            yield
 
     # --- setup --------------------------------------------------------------------------------------------------
     @override
-    def _build(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        """Split into stages (the pipeline strategy, over this rank's pp group), then TP on each stage over the tp
-        submesh; gradients are averaged over dp in ``backward``."""
-        _check_module(module)
-        self._resolve_layout(self.world_size, list(module.pipeline_blocks()))  # type: ignore[operator]
-        super()._build(trainer, module)
-        engine, layout = self.engine, self.parallel_layout
-        assert engine is not None and layout is not None
-        if not layout.tp_enabled:
+    def setup(self, trainer: L.Trainer) -> None:
+        assert self.model is not None and self.accelerator is not None and self.parallel_layout is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        assert module is not None
+        if not self._built:
+            self._build(trainer, module, self.parallel_layout)
+            self._built = True
+        if not self._pipelined:
+            _materialize_distributed_module(self.model, self.root_device)
+            self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        use_global_norm_clipping(self.precision_plugin, lambda: self.grad_norm_group)
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _build(self, trainer: L.Trainer, module: L.LightningModule, layout: ParallelLayout) -> None:
+        """Stages (pp > 1), then TP over the tp submesh, then FSDP2 over the dp submesh (``dp_shard``)."""
+        self._state_keys = list(module.state_dict())
+        if self._format == "auto":
+            size = sum(p.numel() * p.element_size() for p in module.parameters())
+            self.checkpoint_format = "full" if size < FULL_CHECKPOINT_LIMIT else "sharded"
+            self._save_distributed_checkpoint = self.checkpoint_format == "sharded"
+        mesh = self.device_mesh
+        if self._pipelined:
+            check_pipeline_module(module, self.strategy_name)  # under torchrun no launcher checked it
+            if trainer.state.fn == TrainerFn.FITTING:  # the whole model's optimizer order, for checkpoints
+                self._optimizer_layouts = [optimizer_layout(first_optimizer(module.configure_optimizers()), module)]
+            self.runner.build(
+                module,
+                layout,
+                mesh,
+                rank=self.global_rank,
+                device=self.root_device,
+                plan=self.plan,
+                dp_shard=self.dp_shard,
+            )
+            if self.runner.tp_plans:
+                rank_zero_info(
+                    f"{type(self).__name__} {layout}: stage 0 tensor-parallel plan\n{self.tp_plans.get(0, '')}"
+                )
             return
-        owned = {id(b) for stage in engine.modules.values() for b in stage.blocks}
-        # the engine infers stage shapes by a meta forward of its blocks: keep unsharded meta copies for it
-        engine.blocks = [copy.deepcopy(b).to("meta") if id(b) in owned else b for b in engine.blocks]
-        tp_mesh = layout.build_mesh("cpu")["tp"]
-        for stage_id, stage in engine.modules.items():
-            self.tp_plans[stage_id] = apply_tp(stage, tp_mesh, self.plan)
-        rank_zero_info(f"HybridStrategy {layout}: stage 0 tensor-parallel plan\n{self.tp_plans.get(0, '')}")
+        if layout.tp_enabled:
+            self.applied_plan = apply_tp(
+                module,
+                mesh["tp"],
+                self.plan,
+                loss_parallel=self.loss_parallel,
+                sequence_parallel=self.sequence_parallel,
+            )
+            rank_zero_info(f"tensor-parallel plan ({layout}):\n{self.applied_plan.table()}")
+        if self.dp_shard and layout.dp_enabled:
+            apply_fsdp(module, mesh["dp"])
 
     @override
-    def setup(self, trainer: L.Trainer) -> None:
-        super().setup(trainer)
-        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
-
-    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
-        """Scale by the global norm over pp (stages) and tp (DTensor shards); one multiply per gradient, since a
-        foreach kernel does not take gradients on different meshes."""
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = total_norm(grads, 2.0, group=self.grad_norm_group)
-        coef = torch.clamp(float(clip_val) / (norm + 1e-6), max=1.0)
-        for grad in grads:
-            grad.mul_(coef.to(norm.device))
+    def setup_optimizers(self, trainer: L.Trainer) -> None:
+        super().setup_optimizers(trainer)
+        if self._pipelined and len(self.optimizers) != 1:
+            raise ValueError(
+                f"`strategy='{self.strategy_name}'` trains with one optimizer, got {len(self.optimizers)}."
+            )
 
     # --- steps --------------------------------------------------------------------------------------------------
+    def _loss_context(self) -> Any:
+        return loss_parallel_context() if self.loss_parallel else nullcontext()
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizers[0].param_groups for p in group["params"]]
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._pipelined:
+            with self._loss_context():
+                return super().training_step(*args, **kwargs)
+        assert self.lightning_module is not None
+        batch = unpack(args[0] if args else kwargs["batch"], self.strategy_name)
+        return self.runner.training_step(
+            self.lightning_module, batch, self._params(), precision=self.precision_plugin, dp_group=self._group("dp")
+        )
+
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Any:
-        """As the pipeline's backward; DTensor gradients are averaged over dp through their local shards."""
+        """pp > 1: the schedule already ran forward and backward in ``training_step``: add its gradients (averaged
+        over dp unless FSDP2 did) into ``.grad``. pp = 1: the loss's backward (inside ``loss_parallel``), then the
+        gradients averaged over dp unless FSDP2 did. Both between the precision plugin's pre/post hooks."""
         module = self.lightning_module
-        assert module is not None and self._pending is not None
+        assert module is not None and self.model is not None
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        params = [p for group in self.optimizers[0].param_groups for p in group["params"]]
-        fresh = [(p, g) for p, g in zip(params, self._pending, strict=True) if g is not None]
-        all_reduce_mean([_local(g) for _, g in fresh], self._mesh_group("dp"))
-        for p, grad in fresh:
-            p.grad = grad if p.grad is None else p.grad.add_(grad)
-        self._pending = None
+        dp_group = None if self.dp_shard else self._group("dp")
+        if self._pipelined:
+            self.runner.add_gradients(self._params(), dp_group)
+        else:
+            with self._loss_context():
+                self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            for p in params:
+                # a vocabulary-parallel embedding's gradient comes back replicated (whole-sized on every rank), which
+                # would make its optimizer state whole-sized too: lay it out as the parameter
+                if isinstance(p, DTensor) and isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                    p.grad = p.grad.redistribute(placements=p.placements)
+            all_reduce_mean([local(p.grad) for p in params if p.grad is not None], dp_group)
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
 
-    # --- checkpoints --------------------------------------------------------------------------------------------
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The whole module's plain ``state_dict`` on rank 0: shards joined over tp, then stages over the world."""
-        module = self.lightning_module
-        assert module is not None
-        local = {k: _full(v).detach().cpu() for k, v in module.state_dict().items()}
-        return gather_state_dict(_Dict(local), self._state_keys)  # type: ignore[arg-type]
+    def _eval_step(self, batch: Any, name: str) -> torch.Tensor:
+        assert self.lightning_module is not None
+        inputs = unpack(batch, self.strategy_name)
+        return self.runner.eval_step(self.lightning_module, inputs, name, dp_group=self._group("dp"))
 
     @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """The whole model's optimizer state in the single-process format, on rank 0 (a collective)."""
-        assert self.lightning_module is not None and self._optimizer_layout is not None
-        return gather_optimizer_state(_FullOptimizer(optimizer), self.lightning_module, self._optimizer_layout)  # type: ignore[arg-type]
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._pipelined:
+            return self._eval_step(args[0] if args else kwargs["batch"], "val_loss")
+        with self._loss_context():
+            return super().validation_step(*args, **kwargs)
 
     @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        module = self.lightning_module
-        assert module is not None
-        own = module.state_dict()
-        missing = [k for k in own if k not in checkpoint["state_dict"]]
-        if strict and missing:
-            raise KeyError(f"the checkpoint lacks {missing[:5]} (of {len(missing)} entries this rank holds).")
-        with torch.no_grad():
-            for key, value in own.items():
-                if key in checkpoint["state_dict"]:
-                    _local(value).copy_(_local(_shard_like(checkpoint["state_dict"][key], value)))
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._pipelined:
+            return self._eval_step(args[0] if args else kwargs["batch"], "test_loss")
+        with self._loss_context():
+            return super().test_step(*args, **kwargs)
 
     @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        super().load_optimizer_state_dict(checkpoint)
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    state = optimizer.state.get(p, {})
-                    for key, value in state.items():
-                        if isinstance(p, DTensor) and torch.is_tensor(value) and value.shape == p.shape:
-                            state[key] = _shard_like(value, p)
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._pipelined:
+            raise NotImplementedError(
+                f"`strategy='{self.strategy_name}'` does not predict with pp > 1: the outputs live on the last "
+                "stage's rank. Predict in one process with the trained module (after fit the calling process holds "
+                "every parameter)."
+            )
+        return super().predict_step(*args, **kwargs)
+
+    # --- pipeline state -----------------------------------------------------------------------------------------
+    @property
+    def engine(self) -> Any:
+        """This rank's :class:`~lightning_dl.parallel.pipeline.PipelineEngine` (pp > 1, after setup)."""
+        return self.runner.engine
+
+    @property
+    def stage_balance(self) -> list[int] | None:
+        return self.runner.stage_balance
+
+    @property
+    def predicted_stage_seconds(self) -> list[float] | None:
+        return self.runner.predicted_stage_seconds
+
+    @property
+    def tp_plans(self) -> dict[int, TPPlan]:
+        """The tensor-parallel plan applied to each of this rank's stages (pp > 1)."""
+        return self.runner.tp_plans
+
+    @property
+    def timeline(self) -> list[Event]:
+        """Recorded events (``record_timeline=True``): in a process of the run, this rank's; in the calling process
+        after a spawned ``fit``, every rank's."""
+        return self.runner.timeline
+
+    def gather_timeline(self) -> list[Event]:
+        """Every rank's events on every rank (a collective)."""
+        return self.runner.gather_timeline()
+
+    def collect_results(self) -> dict[str, Any] | None:
+        """What the spawn launcher sends back to the calling process (a collective under pp > 1)."""
+        return self.runner.collect_results() if self._pipelined else None
+
+    def receive_results(self, results: dict[str, Any]) -> None:
+        self.runner.receive_results(results)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's storage of ``t`` (a view for a DTensor): in-place changes write through."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``full`` cut as ``like`` is (this rank's shard, no communication), or ``full`` when ``like`` is plain."""
-    if not isinstance(like, DTensor):
-        return full
-    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
-
-
-class _Dict:
-    """A module stand-in whose ``state_dict()`` is a given dict (the full tensors of this rank's stage)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
-
-
-class _FullOptimizer:
-    """An optimizer stand-in whose ``state_dict()`` holds full tensors where the optimizer holds DTensor shards."""
-
-    def __init__(self, optimizer: Optimizer) -> None:
-        self.param_groups = optimizer.param_groups
-        self._optimizer = optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        raw = self._optimizer.state_dict()
-        state = {i: {k: _full(v) if torch.is_tensor(v) else v for k, v in s.items()} for i, s in raw["state"].items()}
-        return {"state": state, "param_groups": raw["param_groups"]}
+def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every DTensor gathered whole (a collective over its mesh)."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in module.state_dict().items()}

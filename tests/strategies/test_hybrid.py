@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 import lightning_dl  # noqa: F401  (registers the names)
 from lightning_dl.callbacks import LRSchedule
 from lightning_dl.modules.language_model import LanguageModelModule
+from lightning_dl.parallel.checkpoint import to_full
 from lightning_dl.parallel.layout import ParallelLayout
 from lightning_dl.strategies.hybrid import HybridStrategy, choose_layout
 from tests.helpers.distributed import run_distributed
@@ -99,9 +100,9 @@ def _reference(dp: int) -> dict:
     return {"losses": losses, "grads": record.grads, "state": module.state_dict(), "optimizer": trainer.optimizers}
 
 
-def _hybrid(rank: int, world_size: int, tmp: str, layout: str | None) -> dict:
+def _hybrid(rank: int, world_size: int, tmp: str, layout: str | None, dp_shard: bool = False) -> dict:
     module, record = _module(), Record()
-    strategy = HybridStrategy(layout=layout, n_microbatches=M)
+    strategy = HybridStrategy(layout=layout, n_microbatches=M, dp_shard=dp_shard)
     dp = ParallelLayout.parse(layout).dp if layout else 1
     trainer = _trainer(record, devices=world_size, strategy=strategy, use_distributed_sampler=dp > 1)
     loader = DataLoader(_data(dp), batch_size=BATCH, drop_last=True)
@@ -109,10 +110,12 @@ def _hybrid(rank: int, world_size: int, tmp: str, layout: str | None) -> dict:
     trainer.save_checkpoint(str(Path(tmp) / "hybrid.ckpt"))  # collective: the whole model on rank 0
     resumed_state = None
     if layout is None:  # the checkpoint loads back into the shards and stages of the same layout
-        peek = Restored()
-        again = _trainer(peek, STEPS + 1, devices=world_size, strategy=HybridStrategy(n_microbatches=M))
-        again.fit(_module(), loader, ckpt_path=str(Path(tmp) / "hybrid.ckpt"))
-        resumed_state = {"state": peek.state, "optimizer": peek.optimizer}
+        resumed_state = _restore(world_size, HybridStrategy(n_microbatches=M), str(Path(tmp) / "hybrid.ckpt"), loader)
+    if dp_shard:  # a sharded folder of the same state, read back under another layout (tp2 x pp2)
+        strategy.checkpoint_format = "sharded"
+        trainer.save_checkpoint(str(Path(tmp) / "sharded"))
+        other = HybridStrategy(layout="tp2,pp2", n_microbatches=M)
+        resumed_state = _restore(world_size, other, str(Path(tmp) / "sharded"), loader)
     return {
         "resumed": resumed_state,
         "layout": str(strategy.layout),
@@ -123,16 +126,24 @@ def _hybrid(rank: int, world_size: int, tmp: str, layout: str | None) -> dict:
     }
 
 
+def _restore(world_size: int, strategy: HybridStrategy, path: str, loader: DataLoader) -> dict:
+    """The whole model and optimizer state as the first batch after restoring ``path`` under ``strategy``."""
+    peek = Restored()
+    again = _trainer(peek, STEPS + 1, devices=world_size, strategy=strategy, use_distributed_sampler=False)
+    again.fit(_module(), loader, ckpt_path=path)
+    return {"state": peek.state, "optimizer": peek.optimizer}
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{what}: {m}")
 
 
-def _check(results: list[dict], expected: dict, layout: str, tp: int) -> None:
+def _check(results: list[dict], expected: dict, layout: str, tp: int, dtensors: bool | None = None) -> None:
     keys = set().union(*(r["state"] for r in results))
     assert keys == set(expected["state"])
     for rank, got in enumerate(results):
         assert got["layout"] == layout
-        assert (got["dtensors"] > 0) == (tp > 1), rank
+        assert (got["dtensors"] > 0) == (tp > 1 if dtensors is None else dtensors), rank
         _close(got["losses"].float(), expected["losses"], f"rank {rank} losses")
         assert len(got["grads"]) == STEPS
         for step, (grads, want) in enumerate(zip(got["grads"], expected["grads"], strict=True)):
@@ -168,8 +179,13 @@ def test_tp2_pp2_chosen_for_four_devices_matches_one_process(tmp_path: Path) -> 
     expected = _reference(dp=1)
     _check(results, expected, "dp1,tp2,pp2", tp=2)
     _check_checkpoint(tmp_path / "hybrid.ckpt", expected)
-    checkpoint = torch.load(tmp_path / "hybrid.ckpt", weights_only=False)
-    for rank, got in enumerate(results):  # restored under tp2 x pp2: every shard and stage holds the checkpoint
+    _check_restored(results, tmp_path / "hybrid.ckpt")
+
+
+def _check_restored(results: list[dict], path: Path) -> None:
+    """Restored: every shard and stage holds the full checkpoint's entries, and the optimizer's momentum."""
+    checkpoint = torch.load(path, weights_only=False)
+    for rank, got in enumerate(results):
         for key, value in got["resumed"]["state"].items():
             assert torch.equal(value, checkpoint["state_dict"][key]), f"rank {rank} {key}"
     saved, restored = checkpoint["optimizer_states"][0]["state"], results[0]["resumed"]["optimizer"]["state"]
@@ -182,6 +198,20 @@ def test_tp2_pp2_chosen_for_four_devices_matches_one_process(tmp_path: Path) -> 
 def test_dp2_pp2_matches_one_process(tmp_path: Path) -> None:
     results = run_distributed(_hybrid, 4, str(tmp_path), "dp2,pp2", timeout=300)
     _check(results, _reference(dp=2), "dp2,tp1,pp2", tp=1)
+
+
+@pytest.mark.distributed
+def test_dp2_pp2_with_fsdp_matches_one_process_and_its_sharded_checkpoint_loads_under_tp2_pp2(tmp_path: Path) -> None:
+    """``dp_shard=True``: FSDP2 of each stage over dp after the split. The full and the sharded checkpoint of the
+    same state agree, and the sharded one restores under another layout (tp2 x pp2) exactly."""
+    results = run_distributed(_hybrid, 4, str(tmp_path), "dp2,pp2", True, timeout=400)
+    expected = _reference(dp=2)
+    _check(results, expected, "dp2,tp1,pp2", tp=1, dtensors=True)
+    _check_checkpoint(tmp_path / "hybrid.ckpt", expected)
+    _check_restored(results, tmp_path / "hybrid.ckpt")
+    full, sharded = torch.load(tmp_path / "hybrid.ckpt", weights_only=False), to_full(tmp_path / "sharded")
+    for key, value in full["state_dict"].items():
+        assert torch.equal(sharded["state_dict"][key], value), key
 
 
 @pytest.mark.slow
@@ -224,8 +254,8 @@ def test_errors_before_any_process_starts(module, layout: str, devices: int, mat
 def test_constructor_errors() -> None:
     with pytest.raises(ValueError, match=r"`layout='dp2,xx3'`: cannot read 'xx3'; write each dimension as dp<N>"):
         HybridStrategy(layout="dp2,xx3")
-    with pytest.raises(ValueError, match=r"`dp_shard=True` \(FSDP2 over dp\) is not composed"):
-        HybridStrategy(layout="dp2,pp2", dp_shard=True)
+    with pytest.raises(ValueError, match=r"`checkpoint_format='zip'` must be one of \('auto', 'full', 'sharded'\)"):
+        HybridStrategy(layout="dp2,pp2", checkpoint_format="zip")
 
 
 @pytest.mark.slow

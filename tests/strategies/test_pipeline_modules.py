@@ -146,3 +146,31 @@ def test_modules_and_a_foreign_model_match_one_process() -> None:
         for result in results:
             for key, value in result[name].items():
                 torch.testing.assert_close(value, expected[key], **TOL, msg=f"{name} {key}")
+
+
+@pytest.mark.distributed
+def test_spawned_fit_builds_configure_model_blocks_in_the_calling_process(capfd: pytest.CaptureFixture) -> None:
+    """Lightning's own launcher (spawn) and a module that builds its blocks in ``configure_model()``: the calling
+    process builds them too (meta, then storage) and holds every trained block; the processes leave together."""
+    module, data = _case("configure_model")
+    trainer = quiet_trainer(
+        devices=2,
+        strategy=PipelineStrategy(schedule="gpipe", n_microbatches=M),
+        use_distributed_sampler=False,
+        max_steps=STEPS,
+        gradient_clip_val=0.5,
+    )
+    trainer.fit(module, DataLoader(data, batch_size=BATCH))
+    reference, _ = _case("configure_model")
+    with torch.device("meta"):
+        reference.configure_model()
+    materialize(reference.pipeline_blocks(), range(4), device=torch.device("cpu"), seed=0)
+    quiet_trainer(max_steps=STEPS, accumulate_grad_batches=M, gradient_clip_val=0.5).fit(
+        reference, DataLoader(data, batch_size=BATCH // M)
+    )
+    assert module.net is not None and not any(p.is_meta for p in module.parameters())
+    state = module.state_dict()
+    assert set(state) == set(reference.state_dict())
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(state[key], value, **TOL, msg=key)
+    assert "terminate called" not in capfd.readouterr().err

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from lightning_dl.callbacks import GradientClipping
-from lightning_dl.strategies._tensor_parallel_glue import optimizer_state_by_ids
+from lightning_dl.strategies._engine_checkpoint import optimizer_state_by_ids
 from lightning_dl.strategies.tensor_parallel import TensorParallelStrategy, plain_state_dict
 from tests.helpers.distributed import run_distributed
 from tests.helpers.trainer import quiet_trainer
