@@ -349,3 +349,22 @@ def test_a_stage_holding_fewer_param_groups_loads_its_part(tmp_path: Path) -> No
     for name, state in got.items():
         for key, value in state.items():
             _same(value, want[name][key], f"{name}.{key}")
+
+
+def test_a_folder_written_as_lightning_model_parallel_writes_it_loads(tmp_path: Path) -> None:
+    """Lightning's ModelParallelStrategy saves ``{"state_dict": get_model_state_dict(model), "optimizer_0":
+    get_optimizer_state_dict(model, optimizer)}`` with DCP and the rest with ``torch.save`` to ``meta.pt``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model, optimizer, _ = _reference(STEPS)
+    state = {"state_dict": get_model_state_dict(model), "optimizer_0": get_optimizer_state_dict(model, optimizer)}
+    with pytest.warns(UserWarning, match="assuming the intent is to save in a single process"):
+        dcp.save(state, checkpoint_id=tmp_path / "lightning", no_dist=True)
+    torch.save({"global_step": STEPS}, tmp_path / "lightning" / "meta.pt")
+    assert is_sharded(tmp_path / "lightning")
+    _check_full(to_full(tmp_path / "lightning"), model, optimizer, "Lightning's folder, to_full")
+    one = _model()
+    one_optimizer = _adam(one)
+    assert load_sharded(tmp_path / "lightning", one, [one_optimizer]) == {"global_step": STEPS}
+    _check_snapshot(_snapshot(one, one_optimizer), model, optimizer, "Lightning's folder, loaded")
