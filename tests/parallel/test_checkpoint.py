@@ -5,6 +5,7 @@ with one process training the whole model on the same gradients (model, Adam mom
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -359,7 +360,8 @@ def test_a_folder_written_as_lightning_model_parallel_writes_it_loads(tmp_path: 
 
     model, optimizer, _ = _reference(STEPS)
     state = {"state_dict": get_model_state_dict(model), "optimizer_0": get_optimizer_state_dict(model, optimizer)}
-    with pytest.warns(UserWarning, match="assuming the intent is to save in a single process"):
+    with warnings.catch_warnings():  # DCP says it saves in one process: meant here
+        warnings.simplefilter("ignore", UserWarning)
         dcp.save(state, checkpoint_id=tmp_path / "lightning", no_dist=True)
     torch.save({"global_step": STEPS}, tmp_path / "lightning" / "meta.pt")
     assert is_sharded(tmp_path / "lightning")
