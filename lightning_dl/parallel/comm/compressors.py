@@ -100,6 +100,11 @@ def pack_bits_(bits: torch.Tensor, words: torch.Tensor, out: torch.Tensor) -> to
     if bits.device.type == "cpu":
         out.numpy()[:] = np.packbits(bits.numpy(), bitorder="little")
         return out
+    return pack_bits_multiply_(bits, words, out)
+
+
+def pack_bits_multiply_(bits: torch.Tensor, words: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``pack_bits_`` with torch operations only (any device): ``x·PACK`` per eight bytes, each product's top byte."""
     torch.mul(bits.view(torch.uint8).view(torch.int64), PACK, out=words)
     return out.copy_(words.view(torch.uint8)[7::8])
 

@@ -22,7 +22,7 @@ from lightning_dl.parallel.comm.compressors import (
     sign_bits_,
     sign_decode_,
 )
-from lightning_dl.parallel.comm.workspace import BucketWorkspace
+from lightning_dl.parallel.comm.workspace import CHUNK, BucketWorkspace
 
 # no `from __future__ import annotations`: DDP checks the hooks' annotations at runtime
 Future = torch.futures.Future[torch.Tensor]
@@ -127,47 +127,21 @@ def quantized_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
     """``int8`` or ``sign`` all-reduce with error feedback: every rank all-gathers the others' codes and scales in
     one byte tensor and averages the decoded values.
 
-    In place, in the bucket's preallocated buffers: the residual becomes ``c = g + e``; this rank's decoded message
-    is written over the gradient in the bucket buffer (no longer needed) and ``e ← c − sent``; after the all-gather
-    the ranks' decoded messages are summed and divided by the world size, the same numbers in the same order on
-    every rank (with two ranks, ``a + b == b + a``), so that every rank gets the same bits."""
+    In place, in the bucket's preallocated buffers (the residual buffer holds ``c = g + e``, then the new ``e``).
+    The ranks' decoded messages are summed, then divided by the world size, with the same numbers in the same order
+    on every rank (with two ranks, ``a + b == b + a``), so that every rank gets the same bits."""
     if not _active(state, bucket):
         return _allreduce_mean(state, bucket)
     ws = _workspace(state, bucket)
     out = _float_buffer(bucket)
-    ws.residual.add_(out)  # c = g + e, every tensor of the bucket at once
     sign = state.compressor == "sign"
-    if sign:
-        _sign_encode(ws, out)
-    else:
-        for i in range(len(ws.names)):
-            c = ws.view(ws.residual, i)
-            ws.scales[i] = int8_scale(c)
-            int8_quantize_(c, ws.scales[i], ws.codes(ws.message, i), ws.view(out, i))
-        ws.residual.sub_(out)  # e = c − sent, exact (Sterbenz)
+    _sign_encode(ws, out) if sign else _int8_encode(ws, out)
     state.bytes_sent += ws.message.numel()
     world, me = state.world_size(), dist.get_rank(state.process_group)
     work = dist.all_gather(ws.received, ws.message, group=state.process_group, async_op=True)
 
     def decode(fut: Future) -> torch.Tensor:
-        heads = [r[: 4 * len(ws.names)].view(torch.float32) for r in ws.received]
-        for i in range(len(ws.names)):
-            target, scratch = ws.view(out, i), ws.view(ws.scratch, i)
-            if world == 2 and sign:  # `target` holds this rank's signs (±1): (s_me·σ_me + s_o·σ_o) / 2
-                other = ws.codes(ws.received[1 - me], i)
-                sign_decode_(other, heads[1 - me][i] / 2, scratch, ws.index)
-                torch.add(scratch, target, alpha=float(heads[me][i]) / 2, out=target)
-                continue
-            if world == 2:  # `target` holds this rank's q·s
-                target.add_(int8_decode_(ws.codes(ws.received[1 - me], i), heads[1 - me][i], scratch))
-                continue
-            for r in range(world):
-                codes, term = ws.codes(ws.received[r], i), target if r == 0 else scratch
-                sign_decode_(codes, heads[r][i], term, ws.index) if sign else int8_decode_(codes, heads[r][i], term)
-                if r:
-                    target.add_(term)
-        if not (world == 2 and sign):
-            out.div_(world)
+        _sign_finish(ws, out, world, me) if sign else _int8_finish(ws, out, world, me)
         if out is not bucket.buffer():
             bucket.buffer().copy_(out)
         return bucket.buffer()
@@ -175,17 +149,78 @@ def quantized_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
     return work.get_future().then(decode)
 
 
-def _sign_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
-    """This rank's sign message and residual, from ``c`` in ``ws.residual``: the signs packed into the message; the
-    unit signs σ decoded into ``out``; ``s = c·σ / n`` (= ‖c‖₁ / n); ``e ← c − s·σ`` (``s·σ`` is ``±s`` exactly)."""
+def _int8_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
+    """``c = g + e`` in the residual buffer, this rank's codes and scales into the message, its decoded message
+    ``q·s`` over the gradient in ``out`` (no longer needed), then ``e ← c − q·s`` (exact: Sterbenz)."""
+    ws.residual.add_(out)
     for i in range(len(ws.names)):
-        sign_bits_(ws.view(ws.residual, i), ws.sign_bits(i))
-    pack_bits_(ws.bits, ws.words, ws.message[ws.code_offsets[0] :])
+        c = ws.view(ws.residual, i)
+        ws.scales[i] = int8_scale(c)
+        int8_quantize_(c, ws.scales[i], ws.codes(ws.message, i), ws.view(out, i))
+    ws.residual.sub_(out)
+
+
+def _int8_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: int) -> None:
+    """The mean of the ranks' decoded messages into ``out`` (which holds this rank's own ``q·s``)."""
+    heads = [r[: 4 * len(ws.names)].view(torch.float32) for r in ws.received]
+    for i in range(len(ws.names)):
+        target, scratch = ws.view(out, i), ws.view(ws.scratch, i)
+        if world == 2:
+            target.add_(int8_decode_(ws.codes(ws.received[1 - me], i), heads[1 - me][i], scratch))
+            continue
+        for r in range(world):
+            int8_decode_(ws.codes(ws.received[r], i), heads[r][i], target if r == 0 else scratch)
+            if r:
+                target.add_(scratch)
+    out.div_(world)
+
+
+def _units(bits: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """The unit signs σ = 2·bit − 1 (exactly ±1) of 0/1 ``bits``, in ``buffer``."""
+    units = buffer[: bits.numel()]
+    units.copy_(bits.view(torch.uint8))
+    return units.mul_(2.0).sub_(1.0)
+
+
+def _sign_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
+    """``c = g + e`` in the residual buffer, the signs ``c >= 0`` packed into the message and ``s = c·σ / n``
+    (= ‖c‖₁ / n) into its scales, in chunks that stay in cache while ``c`` is read once."""
     for i, n in enumerate(ws.numels):
-        c, unit = ws.view(ws.residual, i), ws.view(out, i)
-        sign_decode_(ws.codes(ws.message, i), 1.0, unit, ws.index)
-        ws.scales[i] = torch.dot(c, unit) / n if n else 0.0
-        c.sub_(unit, alpha=float(ws.scales[i]))
+        c_all, g_all, bits_all, total = ws.view(ws.residual, i), ws.view(out, i), ws.sign_bits(i), 0.0
+        for lo in range(0, n, CHUNK):
+            c, bits = c_all[lo : lo + CHUNK], bits_all[lo : lo + CHUNK]
+            c.add_(g_all[lo : lo + CHUNK])
+            sign_bits_(c, bits)
+            total += float(torch.dot(c, _units(bits, ws.units)))
+        ws.scales[i] = total / n if n else 0.0
+    pack_bits_(ws.bits, ws.words, ws.message[ws.code_offsets[0] :])
+
+
+def _sign_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: int) -> None:
+    """Per chunk: ``e ← c − s·σ`` (exact: ``s·σ`` is ``±s``), and the mean of the ranks' ``s_r·σ_r`` into ``out``;
+    with two ranks ``(s_o/2)·σ_o + (s/2)·σ`` (halving is exact), in one pass over ``out``."""
+    heads = [r[: 4 * len(ws.names)].view(torch.float32) for r in ws.received]
+    for i, n in enumerate(ws.numels):
+        c_all, bits_all, out_all, s = ws.view(ws.residual, i), ws.sign_bits(i), ws.view(out, i), float(ws.scales[i])
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            units, decoded, codes = (
+                _units(bits_all[lo:hi], ws.units),
+                ws.decoded[: hi - lo],
+                slice(lo // 8, -(-hi // 8)),
+            )
+            c_all[lo:hi].sub_(units, alpha=s)
+            if world == 2:
+                sign_decode_(ws.codes(ws.received[1 - me], i)[codes], heads[1 - me][i] / 2, decoded, ws.index)
+                torch.add(decoded, units, alpha=s / 2, out=out_all[lo:hi])
+                continue
+            for r in range(world):
+                term = out_all[lo:hi] if r == 0 else decoded
+                sign_decode_(ws.codes(ws.received[r], i)[codes], heads[r][i], term, ws.index)
+                if r:
+                    out_all[lo:hi].add_(term)
+    if world != 2:
+        out.div_(world)
 
 
 def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:

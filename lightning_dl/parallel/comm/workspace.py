@@ -9,6 +9,9 @@ import torch
 
 from lightning_dl.parallel.comm.compressors import compressible
 
+CHUNK = 1 << 17
+"""Elements per chunk of the sign hook's passes (about 0.5 MB of float32 per buffer: several fit in a core's L2)."""
+
 
 class BucketWorkspace:
     """Buffers of one bucket, laid out like DDP's flat bucket buffer (tensor ``i`` at ``offsets[i]``).
@@ -67,14 +70,18 @@ class BucketWorkspace:
         self.message = torch.zeros(head + sum(code_sizes), dtype=torch.uint8, device=device)
         self.scales = self.message[:head].view(torch.float32)
         self.received = [torch.empty_like(self.message) for _ in range(world)]
-        self.scratch = torch.empty(total, device=device)
-        """Another rank's decoded message, before it is added."""
-        if compressor == "sign":
-            packed = sum(code_sizes)
-            # tensor i's signs as 0/1 bytes at 8 * (its code offset), zero padding up to a multiple of 8
-            self.bits = torch.zeros(8 * packed, dtype=torch.bool, device=device)
-            self.words = torch.empty(packed, dtype=torch.int64, device=device)
-            self.index = torch.empty(max(code_sizes, default=0), dtype=torch.int32, device=device)
+        if compressor == "int8":
+            self.scratch = torch.empty(total, device=device)
+            """Another rank's decoded message, before it is added."""
+            return
+        packed = sum(code_sizes)
+        # tensor i's signs as 0/1 bytes at 8 * (its code offset), zero padding up to a multiple of 8
+        self.bits = torch.zeros(8 * packed, dtype=torch.bool, device=device)
+        self.words = torch.empty(packed, dtype=torch.int64, device=device)
+        # the sign hook works in chunks of CHUNK elements that stay in cache: unit signs, a decoded message
+        self.units = torch.empty(min(CHUNK, max(self.numels, default=0)), device=device)
+        self.decoded = torch.empty_like(self.units)
+        self.index = torch.empty(max(code_sizes, default=0), dtype=torch.int32, device=device)
 
     def view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
         """Tensor ``i``'s part of a flat bucket-shaped ``buffer``, flat."""
