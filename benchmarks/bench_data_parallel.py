@@ -1,7 +1,8 @@
 """Data-parallel efficiency on 2 CPU ranks (gloo, one thread per rank) of an MLP 1024-2048-2048-10, batch 64 per
 rank: E₂ = S₂ / (2·S₁) (samples/s of 2 ranks over twice those of one process) and bytes handed to collectives per
 step, for raw torch DDP, Lightning's ``ddp``, ``local_sgd`` (H = 4, 16), ``diloco`` (H = 16), ``ddp_powersgd``
-(rank 4), ``ddp_int8``, ``ddp_sign`` and ZeRO-1/2, with two independent processes as the ceiling. Every contender
+(rank 4), ``ddp_int8``, ``ddp_sign`` and ZeRO-1/2, with two independent processes as the ceiling and raw torch DDP
+with torch's own ``powerSGD_hook`` (rank 4) as a reference for ``ddp_powersgd``. Every contender
 runs in the same two processes; ``--rounds`` rounds go over all of them in turn (one process alone included) and
 the median round is reported, so that load from elsewhere hits every contender alike. Prints ratios (ours / DDP)
 and absolute figures; writes data_parallel.json and data_parallel.png.
@@ -43,6 +44,8 @@ CONTENDERS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("deepspeed_zero1", "deepspeed_zero1", {}),
     ("deepspeed_zero2", "deepspeed_zero2", {}),
 )
+TORCH_ROWS = ("independent", "torch DDP", "torch powerSGD_hook r=4")
+"""Raw torch rows: their E₂ is relative to one raw torch process."""
 _COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "reduce")
 
 
@@ -67,19 +70,26 @@ class Classifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
+def stamp() -> tuple[float, float]:
+    """Wall time and this process's CPU time (every thread: compute, gloo, hooks)."""
+    return time.perf_counter(), time.process_time()
+
+
 class StepClock(L.Callback):
-    """Wall time at the end of every training batch."""
+    """Wall and CPU time at the end of every training batch."""
 
     def __init__(self) -> None:
-        self.ends: list[float] = []
+        self.ends: list[tuple[float, float]] = []
 
     def on_train_batch_end(self, *args: Any) -> None:
-        self.ends.append(time.perf_counter())
+        self.ends.append(stamp())
 
 
-def per_step(ends: list[float], warmup: int) -> float:
-    """Seconds per step over the steps after ``warmup``."""
-    return (ends[-1] - ends[warmup - 1]) / (len(ends) - warmup)
+def per_step(ends: list[tuple[float, float]], warmup: int) -> tuple[float, float]:
+    """Wall and CPU seconds per step over the steps after ``warmup``. On a loaded machine the CPU seconds (what the
+    process computed, in every thread) still compare contenders; the wall seconds also count waiting."""
+    steps = len(ends) - warmup
+    return (ends[-1][0] - ends[warmup - 1][0]) / steps, (ends[-1][1] - ends[warmup - 1][1]) / steps
 
 
 def dataset(cfg: dict, ranks: int) -> TensorDataset:
@@ -88,18 +98,37 @@ def dataset(cfg: dict, ranks: int) -> TensorDataset:
     return TensorDataset(torch.randn(n, cfg["sizes"][0], generator=generator), torch.randint(0, 10, (n,)))
 
 
-def torch_loop(model: nn.Module, cfg: dict, ranks: int) -> float:
-    """Seconds per step of a plain torch training loop (DDP when ``model`` is wrapped)."""
+def torch_loop(model: nn.Module, cfg: dict, ranks: int, counter: dict | None = None) -> tuple[float, float]:
+    """Wall and CPU seconds per step of a plain torch training loop (DDP when ``model`` is wrapped). With ``counter``
+    (from ``count_collectives``), ``counter["timed_bytes"]`` becomes the bytes counted during the timed steps."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = dataset(cfg, 1).tensors
     ends = []
     for step in range(cfg["warmup"] + cfg["steps"]):
+        if counter is not None and step == cfg["warmup"]:
+            counter["timed_bytes"] = -counter["bytes"]
         batch = slice(step * cfg["batch"], (step + 1) * cfg["batch"])
         optimizer.zero_grad()
         F.cross_entropy(model(x[batch]), y[batch]).backward()
         optimizer.step()
-        ends.append(time.perf_counter())
+        ends.append(stamp())
+    if counter is not None:
+        counter["timed_bytes"] += counter["bytes"]
     return per_step(ends, cfg["warmup"])
+
+
+def torch_powersgd(cfg: dict, world: int) -> tuple[tuple[float, float], float]:
+    """Raw torch DDP with torch's own ``powerSGD_hook`` (rank 4, error feedback, warm start; compressing from the
+    third step on, within the warm-up): a reference for ``ddp_powersgd``. Returns (wall, CPU) seconds and bytes per
+    step."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+    model = nn.parallel.DistributedDataParallel(mlp(cfg["sizes"]))
+    state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2)
+    model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    with count_collectives() as counter:
+        seconds = torch_loop(model, cfg, world, counter)
+    return seconds, counter["timed_bytes"] / cfg["steps"]
 
 
 @contextmanager
@@ -130,7 +159,7 @@ def count_collectives():
             setattr(dist, name, original)
 
 
-def lightning_fit(strategy: Any, cfg: dict, devices: int) -> tuple[float, L.Trainer]:
+def lightning_fit(strategy: Any, cfg: dict, devices: int) -> tuple[tuple[float, float], L.Trainer]:
     clock = StepClock()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -162,9 +191,10 @@ def _rank(rank: int, world: int, tmp: str, cfg: dict) -> None:
     numel = sum(p.numel() for p in mlp(cfg["sizes"]).parameters())
     results: dict[str, dict[str, list[float]]] = {}
 
-    def record(label: str, seconds: float, sent: float) -> None:
-        entry = results.setdefault(label, {"step_s": [], "bytes_per_step": []})
-        entry["step_s"].append(seconds)
+    def record(label: str, seconds: tuple[float, float], sent: float) -> None:
+        entry = results.setdefault(label, {"step_s": [], "cpu_s": [], "bytes_per_step": []})
+        entry["step_s"].append(seconds[0])
+        entry["cpu_s"].append(seconds[1])
         entry["bytes_per_step"].append(sent)
 
     for _ in range(cfg["rounds"]):  # rounds interleave the contenders, so load changes hit all of them alike
@@ -177,6 +207,8 @@ def _rank(rank: int, world: int, tmp: str, cfg: dict) -> None:
         dist.barrier()
         model = nn.parallel.DistributedDataParallel(mlp(cfg["sizes"]))
         record("torch DDP", torch_loop(model, cfg, world), 4.0 * numel)
+        dist.barrier()
+        record("torch powerSGD_hook r=4", *torch_powersgd(cfg, world))
         for label, name, kwargs in cfg["contenders"]:
             dist.barrier()
             entry = StrategyRegistry[name]  # the registered class and arguments, with this contender's on top
@@ -192,6 +224,7 @@ def _rank(rank: int, world: int, tmp: str, cfg: dict) -> None:
                 sent = 4.0 * numel
             record(label, seconds, sent)
     torch.save(results, Path(tmp) / f"rank{rank}.pt")
+    dist.barrier()  # leave together: a rank that exits while its peer's gloo threads still talk to it can abort them
     dist.destroy_process_group()
 
 
@@ -222,18 +255,28 @@ def main() -> None:
     rows = {}
     for label, per_round in paced.items():
         step_s = statistics.median(per_round)
-        single = one_torch if label in ("independent", "torch DDP") else one_lightning
+        single = one_torch if label in TORCH_ROWS else one_lightning
         rows[label] = {
             "step_ms": 1e3 * step_s,
             "step_ms_rounds": [1e3 * t for t in per_round],
             "samples_per_s": 2 * cfg["batch"] / step_s,
             "efficiency": single / step_s,  # S₂/(2·S₁) = (2b/T₂)/(2·b/T₁) = T₁/T₂, batch b per rank
             "bytes_per_step": statistics.median(ranks[0][label]["bytes_per_step"]),
+            # process CPU per step (all threads), mean of the ranks that ran it, median over rounds
+            "cpu_ms": 1e3
+            * statistics.median(
+                statistics.mean(r) for r in zip(*(k[label]["cpu_s"] for k in ranks if label in k), strict=True)
+            ),
         }
     ddp = rows["ddp"]
-    print(f"\none process: torch {1e3 * one_torch:.1f} ms/step, Lightning {1e3 * one_lightning:.1f} ms/step")
+    one_cpu = {k: 1e3 * statistics.median(ranks[0][f"one process {k}"]["cpu_s"]) for k in ("torch", "Lightning")}
     print(
-        f"{'contender':<18} {'ms/step':>8} {'samples/s':>10} {'E2':>6} {'MB/step':>8} {'speed/ddp':>9} {'bytes/ddp':>9}"
+        f"\none process: torch {1e3 * one_torch:.1f} ms/step ({one_cpu['torch']:.1f} CPU), "
+        f"Lightning {1e3 * one_lightning:.1f} ms/step ({one_cpu['Lightning']:.1f} CPU)"
+    )
+    print(
+        f"{'contender':<24} {'ms/step':>8} {'CPU ms':>7} {'samples/s':>10} {'E2':>6} {'MB/step':>8} {'speed/ddp':>9} "
+        f"{'bytes/ddp':>9}"
     )
     for label, row in rows.items():
         goal = GOALS.get(label)
@@ -241,7 +284,8 @@ def main() -> None:
             "" if goal is None or quick else (" goal met" if row["efficiency"] >= goal else f" goal {goal:.0%} missed")
         )
         print(
-            f"{label:<18} {row['step_ms']:8.1f} {row['samples_per_s']:10.0f} {row['efficiency']:6.1%} "
+            f"{label:<24} {row['step_ms']:8.1f} {row['cpu_ms']:7.1f} {row['samples_per_s']:10.0f} "
+            f"{row['efficiency']:6.1%} "
             f"{row['bytes_per_step'] / 1e6:8.3f} {row['samples_per_s'] / ddp['samples_per_s']:9.2f} "
             f"{row['bytes_per_step'] / ddp['bytes_per_step']:9.3f}{verdict}"
         )
@@ -249,6 +293,7 @@ def main() -> None:
         {
             "config": {k: v for k, v in cfg.items() if k != "contenders"},
             "one_process_step_ms": {"torch": 1e3 * one_torch, "lightning": 1e3 * one_lightning},
+            "one_process_cpu_ms": {"torch": one_cpu["torch"], "lightning": one_cpu["Lightning"]},
             "one_process_step_ms_rounds": {
                 "torch": [1e3 * t for t in ranks[0]["one process torch"]["step_s"]],
                 "lightning": [1e3 * t for t in ranks[0]["one process Lightning"]["step_s"]],
@@ -256,6 +301,7 @@ def main() -> None:
             "rows": rows,
             "goals": GOALS,
             "definition": "E2 = S2 / (2 S1): samples/s of 2 ranks (batch b each) over twice one process's (batch b)",
+            "cpu_ms": "process CPU time per step and rank (every thread: compute, gloo, hooks), mean of the ranks",
         }
     )
     import matplotlib.pyplot as plt
