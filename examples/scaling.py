@@ -1,10 +1,12 @@
 """The scaling report: one model and one global batch trained under a list of layouts (one process, dp2, tp2, pp2,
 dp2 x pp2, dp2 x tp2, dp4), every layout of more than one process by ``HybridStrategy(layout=...)``, each measured
-by the ``ScalingEfficiency`` callback: step time T_N, samples per second, E_N = T_1 / (N · T_N), peak RSS per rank,
-training time to a target validation loss and the validation loss against training time. Also what the machine can
-give: its cores and the contention ceiling of two independent one-process trainings run at once (no communication
-at all), so a strategy's loss can be told from the machine's. Writes a table in the lecture's form ("configuration
-— time to reach the target"), JSON (with the load average before and after each layout) and PNG.
+by the ``ScalingEfficiency`` callback: step time T_N, samples per second, E_N = T_1 / (N · T_N) (T_1 from one
+process trained just before the layout, as a shared machine's load drifts; ``--no-pair-reference``: from the list's
+one-process layout), peak RSS per rank, training time to a target validation loss and the validation loss against
+training time. Also what the machine can give: its cores and the contention ceiling of two independent one-process
+trainings run at once (no communication at all), so a strategy's loss can be told from the machine's. Writes a table
+in the lecture's form ("configuration — time to reach the target"), JSON (with the load average before and after
+each layout) and PNG.
 
     python examples/scaling.py                        # or: lightning-dl run scaling
     python examples/scaling.py --layouts "1;dp2;pp2"
@@ -191,6 +193,13 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=5, help="validate every this many training batches")
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of T_N")
     parser.add_argument("--skip-contention", action="store_true", help="do not measure two independent processes")
+    parser.add_argument(
+        "--pair-reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train one process just before each layout of several and take E_N against that T_1 (a shared "
+        "machine's load changes between layouts)",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds any one layout may take")
     parser.add_argument("--out", type=Path, default=Path("runs/scaling"))
     args = parser.parse_args()
@@ -214,8 +223,15 @@ def main() -> None:
     load_start = os.getloadavg()
     results = []
     for text in texts:
+        reference = None
+        if args.pair_reference and parse_layout(text).world_size > 1:
+            print(f"one process, just before layout {text}: training {args.epochs} epochs", flush=True)
+            reference = run_layout("1", args)
         print(f"layout {text}: training {args.epochs} epochs", flush=True)
         results.append(run_layout(text, args))
+        if reference is not None:
+            keep = ("step_seconds", "step_seconds_median", "seconds_to_target", "load_before", "load_after")
+            results[-1]["reference"] = {key: reference[key] for key in keep}
     machine = {"cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "threads_per_process": 1}
     if not args.skip_contention:
         print("two independent one-process trainings at once", flush=True)
@@ -230,11 +246,16 @@ def report(results: list[dict], machine: dict, args: argparse.Namespace, load_st
     import matplotlib.pyplot as plt
 
     one = next((r for r in results if r["world_size"] == 1), None)
-    t_1 = one["step_seconds"] if one else None
+    first_t_1 = one["step_seconds"] if one else None
     for r in results:
+        # E_N against the one-process run just before the layout where there is one (the machine's other load
+        # changes over minutes), else against the one-process layout of the list
+        t_1 = r["reference"]["step_seconds"] if "reference" in r else first_t_1
+        r["t_1"] = t_1
         r["efficiency"] = efficiency(t_1, r["step_seconds"], r["world_size"]) if t_1 else None
-    header = ["configuration", f"time to val loss {args.target} (s)", "N", "T_N (ms)", "samples/s", "E_N",
-              "peak RSS per rank (MiB)", "final val loss"]  # fmt: skip
+        r["efficiency_first_t_1"] = efficiency(first_t_1, r["step_seconds"], r["world_size"]) if first_t_1 else None
+    header = ["configuration", f"time to val loss {args.target} (s)", "N", "T_N (ms)", "T_1 (ms)", "E_N",
+              "samples/s", "peak RSS per rank (MiB)", "final val loss"]  # fmt: skip
     rows = []
     for r in results:
         reached = r["seconds_to_target"]
@@ -244,8 +265,9 @@ def report(results: list[dict], machine: dict, args: argparse.Namespace, load_st
                 f"{reached:.1f}" if reached is not None else "not reached",
                 r["world_size"],
                 f"{1000 * r['step_seconds']:.1f}",
-                f"{r['samples_per_second']:.0f}",
+                f"{1000 * r['t_1']:.1f}" if r["t_1"] else "-",
                 f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "-",
+                f"{r['samples_per_second']:.0f}",
                 ", ".join(f"{b / 2**20:.0f}" for b in r["peak_rss_bytes"]),
                 f"{r['curve'][-1][2]:.3f}" if r["curve"] else "-",
             ]
@@ -263,7 +285,9 @@ def report(results: list[dict], machine: dict, args: argparse.Namespace, load_st
     if ceiling is not None:
         bars.axhline(ceiling, color="tab:red", linestyle="--", label=f"2 independent processes: {ceiling:.2f}")
         bars.legend(fontsize=8)
-    bars.set(ylabel="E_N = T_1 / (N T_N)", title=f"efficiency, {machine['usable_cpus']} cores")
+    paired = any("reference" in r for r in results)
+    title = f"efficiency, {machine['usable_cpus']} cores" + (", T_1 just before each layout" if paired else "")
+    bars.set(ylabel="E_N = T_1 / (N T_N)", title=title)
     bars.tick_params(axis="x", rotation=30)
     figure.tight_layout()
     payload = {
