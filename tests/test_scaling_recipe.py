@@ -3,7 +3,9 @@ count the memory cap is chosen from, and bad arguments refused before anything s
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +74,28 @@ def test_bad_arguments_fail_before_any_process(script, args, message):
         [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2 and message in result.stderr, result.stderr[-1000:]
+
+
+def _result(name: str, n: int, step: float, curve: list, **extra) -> dict:
+    return {
+        "name": name, "world_size": n, "step_seconds": step, "samples_per_second": 64 / step,
+        "seconds_to_target": curve[-1][1] if curve[-1][2] <= 0.2 else None, "peak_rss_bytes": [2**29] * n,
+        "curve": curve, **extra,
+    }  # fmt: skip
+
+
+def test_report_takes_each_efficiency_against_the_one_process_run_before_it(tmp_path):
+    """E_N = T_1 / (N · T_N) with the T_1 trained just before the layout; the list's own T_1 kept beside it."""
+    one = _result("1 process", 1, 0.1, [(5, 0.5, 0.5), (10, 1.0, 0.15)])
+    dp2 = _result("dp2", 2, 0.08, [(5, 0.4, 0.5), (10, 0.8, 0.3)], reference={"step_seconds": 0.12})
+    ceiling = {"alone_step_seconds": 0.1, "step_seconds": [0.2, 0.25], "ceiling_E2": 0.2 / 0.225}
+    args = argparse.Namespace(target=0.2, out=tmp_path)
+    scaling.report([one, dp2], {"usable_cpus": 2, "two_independent": ceiling}, args, (1.0, 1.0, 1.0))
+    layouts = json.loads((tmp_path / "scaling.json").read_text())["layouts"]
+    assert layouts[0]["efficiency"] == 1.0
+    assert layouts[1]["efficiency"] == pytest.approx(0.12 / (2 * 0.08))
+    assert layouts[1]["efficiency_first_t_1"] == pytest.approx(0.1 / (2 * 0.08))
+    rows = (tmp_path / "scaling.md").read_text().splitlines()
+    assert rows[2].split(" | ")[:2] == ["| 1 process", "1.0"] and rows[3].split(" | ")[:2] == ["| dp2", "not reached"]
+    assert "| 80.0 | 120.0 | 0.75 |" in rows[3]
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
