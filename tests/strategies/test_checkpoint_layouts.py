@@ -1,9 +1,9 @@
-"""Exact resume across layouts through the public Trainer API: a run stopped under tp2 × pp2 (4 processes) resumes
-under pp2 and in one process exactly as the uninterrupted run on that layout goes on (losses and parameters after
-the resumed steps); under ``pipeline``, resuming from a pipeline checkpoint and from a one-process checkpoint
-reproduces the uninterrupted run. Checkpoints are taken where Lightning's own resume is exact: on the last batch of
-an epoch (``ModelCheckpoint(every_n_train_steps=<steps per epoch>)``) for a run bounded by ``max_steps``, or at an
-epoch's end for a run bounded by ``max_epochs`` (see the last test for why)."""
+"""Exact resume across layouts through the public Trainer API: a run stopped under tp2 × pp2 (4 processes; full and
+sharded checkpoints) resumes under pp2 and in one process exactly as the uninterrupted run on that layout goes on
+(batches, losses and parameters after the resumed steps); under ``pipeline``, resuming from a pipeline checkpoint and
+from a one-process checkpoint reproduces the uninterrupted run. Checkpoints are taken where Lightning's own resume is
+exact: on the last batch of an epoch (``ModelCheckpoint(every_n_train_steps=<steps per epoch>)``) for a run bounded
+by ``max_steps``, or at an epoch's end for a run bounded by ``max_epochs`` (see the last test for why)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import lightning_dl  # noqa: F401  (registers the names)
+from lightning_dl import cli
+from lightning_dl.parallel.checkpoint import is_sharded
 from lightning_dl.parallel.layout import ParallelLayout
 from lightning_dl.strategies.hybrid import HybridStrategy
 from lightning_dl.strategies.pipeline import PipelineStrategy
@@ -121,6 +123,8 @@ def _fit(
 
 def _stopped_under_tp2_pp2(rank: int, world_size: int, tmp: str) -> dict:
     run = _fit(HybridStrategy(layout="tp2,pp2", n_microbatches=M), 4, save_dir=Path(tmp) / "tp2_pp2")
+    sharded = HybridStrategy(layout="tp2,pp2", n_microbatches=M, checkpoint_format="sharded")
+    _fit(sharded, 4, save_dir=Path(tmp) / "tp2_pp2_sharded", max_steps=PER_EPOCH)  # each rank writes its part
     return {"losses": run["losses"], "state": run["state"]}
 
 
@@ -133,6 +137,7 @@ def _resumed_under_pp2(rank: int, world_size: int, tmp: str) -> dict:
     out = {"uninterrupted": _fit(pipeline(), 2, save_dir=tmp_path / "pp2")}
     first = f"step={PER_EPOCH}.ckpt"
     out["from tp2,pp2"] = _fit(pipeline(), 2, ckpt=tmp_path / "tp2_pp2" / first)
+    out["from tp2,pp2 sharded"] = _fit(pipeline(), 2, ckpt=tmp_path / "tp2_pp2_sharded" / first)
     out["from pp2"] = _fit(pipeline(), 2, ckpt=tmp_path / "pp2" / first)
     out["from one process"] = _fit(pipeline(), 2, ckpt=tmp_path / "one" / first)
     # an epoch-end checkpoint (trainer.save_checkpoint after one epoch), resumed by epochs
@@ -174,10 +179,14 @@ def test_stopped_under_tp2_pp2_resumes_exactly_under_pp2_and_in_one_process(tmp_
         for name, resumed in runs.items():
             if name != "uninterrupted":
                 _check_resumed(resumed, uninterrupted, f"rank {rank} pp2 {name}", state=rank == 0)
-    # one process resumes the tp2 x pp2 checkpoint (whole-model names, optimizer state in its order) exactly too
-    _check_resumed(
-        _fit("auto", 1, ckpt=tmp_path / "tp2_pp2" / f"step={PER_EPOCH}.ckpt"), one, "one process from tp2,pp2"
-    )
+    # one process resumes the tp2 x pp2 checkpoint (whole-model names, optimizer state in its order) exactly too,
+    # and the sharded folder once `lightning-dl checkpoint convert` made it one file
+    first = f"step={PER_EPOCH}.ckpt"
+    assert is_sharded(tmp_path / "tp2_pp2_sharded" / first) and (tmp_path / "tp2_pp2" / first).is_file()
+    _check_resumed(_fit("auto", 1, ckpt=tmp_path / "tp2_pp2" / first), one, "one process from tp2,pp2")
+    convert = ["checkpoint", "convert", str(tmp_path / "tp2_pp2_sharded" / first), str(tmp_path / "full.ckpt")]
+    assert cli.main([*convert, "--to", "full"]) == 0
+    _check_resumed(_fit("auto", 1, ckpt=tmp_path / "full.ckpt"), one, "one process from tp2,pp2 sharded, converted")
 
 
 def _stopped_under_dp2_tp2_pp2(rank: int, world_size: int, tmp: str) -> None:
