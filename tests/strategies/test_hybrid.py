@@ -1,8 +1,9 @@
-"""HybridStrategy against one process: tp2 × pp2 (the layout chosen for 4 devices) and dp2 × pp2 on 4 processes,
-dp2 × tp2 × pp2 on 8 (slow). Each rank runs ``Trainer(devices=N, strategy=HybridStrategy(...))`` as torchrun would
-start it; Lightning's DistributedSampler spans the dp ranks only. The reference is one process on the same global
-batches in micro-batches of ``B / m`` (accumulating ``dp · m`` of them per optimizer step), with the same gradient
-clipping (global norm) and LR schedule."""
+"""HybridStrategy against one process: tp2 × pp2 (the layout chosen for 4 devices), dp2 × pp2 and dp2 × pp2 with
+FSDP2 of each stage over dp (``dp_shard=True``) on 4 processes, dp2 × tp2 × pp2 on 8 (slow). Each rank runs
+``Trainer(devices=N, strategy=HybridStrategy(...))`` as torchrun would start it; Lightning's DistributedSampler spans
+the dp ranks only. The reference is one process on the same global batches in micro-batches of ``B / m``
+(accumulating ``dp · m`` of them per optimizer step), with the same gradient clipping (global norm) and LR
+schedule."""
 
 from __future__ import annotations
 

@@ -6,13 +6,18 @@ norm. Ranks are started by the harness as torchrun would start them; Lightning's
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lightning_dl.strategies import HybridStrategy
+from lightning_dl.strategies._model_parallel import leave_together
 from lightning_dl.strategies.hybrid import plain_state_dict
 from tests.helpers.distributed import run_distributed
 from tests.helpers.trainer import quiet_trainer
@@ -119,3 +124,21 @@ def test_tp_on_a_module_without_linear_pairs_fails_before_processes_start() -> N
     trainer = quiet_trainer(devices=2, strategy=HybridStrategy(layout="tp2"), max_steps=1)
     with pytest.raises(ValueError, match=r"`layout='dp1,tp2,pp1'` asks for tp2, but the tensor-parallel plan finds no"):
         trainer.fit(Boring(), DataLoader(_boring_data(), batch_size=BORING_BATCH))
+
+
+def _leave(rank: int, tmp: str) -> None:
+    """A spawned rank of its own group (as the launcher's processes are): rank 1 finishes a second later."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
+    time.sleep(1.0 * rank)
+    start = time.monotonic()
+    leave_together()
+    torch.save({"waited": time.monotonic() - start, "initialized": dist.is_initialized()}, f"{tmp}/{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_ranks_leave_the_group_together(tmp_path) -> None:
+    """The launcher's last step: the first rank to finish waits for the other, then each destroys its group."""
+    mp.spawn(_leave, args=(str(tmp_path),), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    assert [r["initialized"] for r in results] == [False, False]
+    assert results[0]["waited"] > 0.5 > results[1]["waited"]
