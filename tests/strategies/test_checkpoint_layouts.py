@@ -193,11 +193,16 @@ def _stopped_under_dp2_tp2_pp2(rank: int, world_size: int, tmp: str) -> None:
     layout = ParallelLayout(dp=2, tp=2, pp=2)
     loader = _loader(dp=2, dp_rank=layout.coordinates(rank)["dp"])
     _fit(HybridStrategy(layout=layout, n_microbatches=M), 8, save_dir=Path(tmp) / "dp2_tp2_pp2", loader=loader)
+    # FSDP2 over dp inside each stage, each rank writing its shards
+    sharded = HybridStrategy(layout=layout, n_microbatches=M, dp_shard=True, checkpoint_format="sharded")
+    _fit(sharded, 8, save_dir=Path(tmp) / "dp2_tp2_pp2_sharded", loader=loader, max_steps=PER_EPOCH)
 
 
 def _dp2_resumed_under_pp2(rank: int, world_size: int, tmp: str) -> dict:
     runs = {}
-    for name, ckpt in (("uninterrupted", None), ("resumed", Path(tmp) / "dp2_tp2_pp2" / f"step={PER_EPOCH}.ckpt")):
+    first = f"step={PER_EPOCH}.ckpt"
+    checkpoints = (None, Path(tmp) / "dp2_tp2_pp2" / first, Path(tmp) / "dp2_tp2_pp2_sharded" / first)
+    for name, ckpt in zip(("uninterrupted", "resumed", "resumed from sharded"), checkpoints, strict=True):
         run = _fit(PipelineStrategy(schedule="1f1b", n_microbatches=M), 2, ckpt=ckpt, loader=_loader(dp=2))
         runs[name] = {k: v for k, v in run.items() if k != "trainer"}
     return runs
@@ -207,7 +212,8 @@ def _dp2_resumed_under_pp2(rank: int, world_size: int, tmp: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_stopped_under_dp2_tp2_pp2_resumes_exactly_under_pp2_and_in_one_process(tmp_path: Path) -> None:
-    """8 processes, each replica reading its half of every global batch; resumed where one global batch is read."""
+    """8 processes, each replica reading its half of every global batch (full checkpoints, and sharded ones under
+    FSDP2 over dp); resumed where one process reads the whole global batch."""
     run_distributed(_stopped_under_dp2_tp2_pp2, 8, str(tmp_path), timeout=600)
     pp2 = run_distributed(_dp2_resumed_under_pp2, 2, str(tmp_path), timeout=400)
     one = _fit("auto", 1, loader=_loader(dp=2))
@@ -215,6 +221,8 @@ def test_stopped_under_dp2_tp2_pp2_resumes_exactly_under_pp2_and_in_one_process(
     _check_resumed(resumed, one, "one process from dp2,tp2,pp2")
     for rank, runs in enumerate(pp2):
         _check_resumed(runs["resumed"], runs["uninterrupted"], f"rank {rank} pp2 from dp2,tp2,pp2", state=rank == 0)
+        what = f"rank {rank} pp2 from dp2,tp2,pp2 with FSDP2, sharded"
+        _check_resumed(runs["resumed from sharded"], runs["uninterrupted"], what, state=rank == 0)
     torch.testing.assert_close(torch.tensor(pp2[0]["uninterrupted"]["losses"]), torch.tensor(one["losses"]), **TOL)
 
 
