@@ -283,3 +283,45 @@ class PipelineRunner:
         self.gathered = None if events is None else [Event(**e) for e in events]
         self.stage_balance = results["stage_balance"]
         self.predicted_stage_seconds = results["predicted"]
+
+
+class PipelineResults:
+    """What the engine's pipeline side exposes on the strategy: the stages, the balance, the timeline, and the
+    results the spawn launcher carries back to the calling process."""
+
+    runner: PipelineRunner
+
+    @property
+    def engine(self) -> Any:
+        """This rank's :class:`~lightning_dl.parallel.pipeline.PipelineEngine` (pp > 1, after setup)."""
+        return self.runner.engine
+
+    @property
+    def stage_balance(self) -> list[int] | None:
+        return self.runner.stage_balance
+
+    @property
+    def predicted_stage_seconds(self) -> list[float] | None:
+        return self.runner.predicted_stage_seconds
+
+    @property
+    def tp_plans(self) -> dict[int, TPPlan]:
+        """The tensor-parallel plan applied to each of this rank's stages (pp > 1)."""
+        return self.runner.tp_plans
+
+    @property
+    def timeline(self) -> list[Event]:
+        """Recorded events (``record_timeline=True``): in a process of the run, this rank's; in the calling process
+        after a spawned ``fit``, every rank's."""
+        return self.runner.timeline
+
+    def gather_timeline(self) -> list[Event]:
+        """Every rank's events on every rank (a collective)."""
+        return self.runner.gather_timeline()
+
+    def collect_results(self) -> dict[str, Any] | None:
+        """What the spawn launcher sends back to the calling process (a collective under pp > 1)."""
+        return self.runner.collect_results() if self.runner.engine is not None else None
+
+    def receive_results(self, results: dict[str, Any]) -> None:
+        self.runner.receive_results(results)

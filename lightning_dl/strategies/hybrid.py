@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dl.parallel.layout import ParallelLayout
-from lightning_dl.parallel.pipeline import Event, all_reduce_mean
+from lightning_dl.parallel.pipeline import all_reduce_mean
 from lightning_dl.parallel.tensor import TPPlan, apply_fsdp, apply_tp
 from lightning_dl.parallel.tensor.apply import Plan
 from lightning_dl.strategies._engine_checkpoint import (
@@ -39,6 +39,7 @@ from lightning_dl.strategies._engine_layout import (
     choose_layout,
 )
 from lightning_dl.strategies._engine_pipeline import (
+    PipelineResults,
     PipelineRunner,
     builds_in_configure_model,
     check_pipeline_module,
@@ -53,7 +54,7 @@ START_METHODS = ("spawn", "fork", "forkserver")
 __all__ = ["CHECKPOINT_FORMATS", "FULL_CHECKPOINT_LIMIT", "HybridStrategy", "choose_layout"]
 
 
-class HybridStrategy(CheckpointingStrategy):
+class HybridStrategy(PipelineResults, CheckpointingStrategy):
     """Any layout ``dp × tp × pp`` on one mesh, applied in this order: the module's ``pipeline_blocks()`` split into
     ``pp`` stages (pp > 1), tensor parallelism on each stage (or on the whole module when pp = 1) over ``tp``, then
     FSDP2 over ``dp`` (``dp_shard=True``) or a plain gradient all-reduce over ``dp``. With pp = 1 the module's own
@@ -393,42 +394,6 @@ class HybridStrategy(CheckpointingStrategy):
                 "every parameter)."
             )
         return super().predict_step(*args, **kwargs)
-
-    # --- pipeline state -----------------------------------------------------------------------------------------
-    @property
-    def engine(self) -> Any:
-        """This rank's :class:`~lightning_dl.parallel.pipeline.PipelineEngine` (pp > 1, after setup)."""
-        return self.runner.engine
-
-    @property
-    def stage_balance(self) -> list[int] | None:
-        return self.runner.stage_balance
-
-    @property
-    def predicted_stage_seconds(self) -> list[float] | None:
-        return self.runner.predicted_stage_seconds
-
-    @property
-    def tp_plans(self) -> dict[int, TPPlan]:
-        """The tensor-parallel plan applied to each of this rank's stages (pp > 1)."""
-        return self.runner.tp_plans
-
-    @property
-    def timeline(self) -> list[Event]:
-        """Recorded events (``record_timeline=True``): in a process of the run, this rank's; in the calling process
-        after a spawned ``fit``, every rank's."""
-        return self.runner.timeline
-
-    def gather_timeline(self) -> list[Event]:
-        """Every rank's events on every rank (a collective)."""
-        return self.runner.gather_timeline()
-
-    def collect_results(self) -> dict[str, Any] | None:
-        """What the spawn launcher sends back to the calling process (a collective under pp > 1)."""
-        return self.runner.collect_results() if self._pipelined else None
-
-    def receive_results(self, results: dict[str, Any]) -> None:
-        self.runner.receive_results(results)
 
 
 def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -236,6 +236,7 @@ def test_choose_layout_and_registered_name() -> None:
     layout, reason = choose_layout(4, OddNet().pipeline_blocks())
     assert layout == ParallelLayout(dp=2, pp=2) and "tp1: the plan finds no Linear pairs" in reason
     assert choose_layout(2, _module().pipeline_blocks()[:3])[0] == ParallelLayout(tp=2)  # 3 blocks: no pp
+    assert choose_layout(4, [])[0] == ParallelLayout(dp=4)  # a module without pipeline_blocks(): data parallel
 
 
 @pytest.mark.parametrize(
