@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from torch.utils.data import DataLoader, Subset
 
 import lightning_dl  # noqa: F401  (registers the names)
+from lightning_dl.parallel.checkpoint import to_full
 from lightning_dl.strategies.pipeline import PipelineStrategy
 from tests.helpers.distributed import run_distributed
 from tests.helpers.models import regression_dataset
@@ -57,6 +58,9 @@ def _checkpoints(rank: int, world_size: int, tmp: str) -> dict:
     )
     trainer.fit(module, DataLoader(DATA, batch_size=BATCH), DataLoader(DATA, batch_size=BATCH))
     uninterrupted = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer.save_checkpoint(Path(tmp) / "final.ckpt")  # the same state in both formats
+    trainer.strategy.checkpoint_format = "sharded"
+    trainer.save_checkpoint(Path(tmp) / "final_sharded")
     resumed = PipeNet()
     _pipeline_trainer(8).fit(resumed, DataLoader(DATA, batch_size=BATCH), ckpt_path=str(ckpt_dir / "epoch=0.ckpt"))
     from_single = PipeNet()
@@ -88,6 +92,12 @@ def test_checkpoints_resume_and_errors_inside_the_processes(tmp_path: Path) -> N
         torch.testing.assert_close(checkpoint["optimizer_states"][0]["state"][index]["momentum_buffer"],
                                    state["momentum_buffer"], **TOL)  # fmt: skip
     assert checkpoint["global_step"] == single["global_step"] == 6
+    full, sharded = torch.load(tmp_path / "final.ckpt", weights_only=False), to_full(tmp_path / "final_sharded")
+    assert sharded["global_step"] == full["global_step"] and list(sharded["state_dict"]) == list(full["state_dict"])
+    for key, value in full["state_dict"].items():  # the sharded folder holds what the full file holds
+        assert torch.equal(sharded["state_dict"][key], value), key
+    for index, state in full["optimizer_states"][0]["state"].items():
+        assert torch.equal(sharded["optimizer_states"][0]["state"][index]["momentum_buffer"], state["momentum_buffer"])
     expected = _single(8).state_dict()  # uninterrupted, one process
     # Lightning's own resume from a checkpoint written at an epoch's end runs one more batch of the old epoch (the
     # loop state says its last batch, the loader restarts), in one process too: the bar is the one-process resume
