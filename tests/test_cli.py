@@ -34,6 +34,17 @@ def test_run_without_recipe_prints_usage(capsys) -> None:
     assert "lightning-dl run RECIPE" in capsys.readouterr().out
 
 
+def test_checkpoint_convert_is_a_subcommand(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["checkpoint", "convert", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: lightning-dl checkpoint convert [-h] --to {full,sharded} IN OUT" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["checkpoint"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: convert" in capsys.readouterr().err
+
+
 def test_every_recipe_script_and_config_exists() -> None:
     for recipe in cli.RECIPES:
         command = cli.recipe_command(recipe, ["--extra"])
