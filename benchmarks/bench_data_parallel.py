@@ -120,10 +120,12 @@ def torch_loop(model: nn.Module, cfg: dict, ranks: int, counter: dict | None = N
 def torch_powersgd(cfg: dict, world: int) -> tuple[tuple[float, float], float]:
     """Raw torch DDP with torch's own ``powerSGD_hook`` (rank 4, error feedback, warm start; compressing from the
     third step on, within the warm-up): a reference for ``ddp_powersgd``. Returns (wall, CPU) seconds and bytes per
-    step."""
+    step. One bucket for the whole model: torch's hook issues its second all-reduce from a future's callback, and
+    with several buckets on gloo the ranks then order their collectives differently (seen here: gloo aborts with
+    "Received data size doesn't match expected size")."""
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
-    model = nn.parallel.DistributedDataParallel(mlp(cfg["sizes"]))
+    model = nn.parallel.DistributedDataParallel(mlp(cfg["sizes"]), bucket_cap_mb=64)
     state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2)
     model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     with count_collectives() as counter:
