@@ -72,11 +72,13 @@ def outer_step_(
         (1.5, 1.5, 2.0)
     """
     for param, theta0, buf in zip(params, start, momentum, strict=True):
-        delta = theta0 - param.detach()
-        buf.mul_(mu).add_(delta)
-        update = delta.add(buf, alpha=mu) if nesterov else buf
-        theta0.sub_(update, alpha=lr)
-        param.detach().copy_(theta0)
+        work = param.detach()  # holds Δ, then the update: the step allocates nothing
+        torch.sub(theta0, work, out=work)
+        buf.mul_(mu).add_(work)
+        if nesterov:
+            work.add_(buf, alpha=mu)
+        theta0.sub_(work if nesterov else buf, alpha=lr)
+        work.copy_(theta0)
 
 
 def check_sync(sync_every: int, warmup_steps: int = 0) -> None:
