@@ -15,6 +15,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_dl import cli
 from lightning_dl.parallel import checkpoint as ckpt
+from lightning_dl.parallel.checkpoint import conversion
 from tests.helpers.trainer import quiet_trainer
 
 
@@ -124,7 +125,7 @@ def test_a_failed_write_leaves_no_output(boring: Path, tmp_path: Path, monkeypat
         with pytest.raises(OSError, match="disk full"):
             ckpt.convert(boring, tmp_path / "out.ckpt", to="full")
     with monkeypatch.context() as patch:  # a folder: DCP wrote its files, meta.pt fails
-        patch.setattr(ckpt, "_write_meta", lambda path, rest, keys: half_written(None, path / "meta.pt"))
+        patch.setattr(conversion, "_write_meta", lambda path, rest, keys: half_written(None, path / "meta.pt"))
         with pytest.raises(OSError, match="disk full"):
             ckpt.convert(boring, tmp_path / "out", to="sharded")
     assert list(tmp_path.iterdir()) == []
