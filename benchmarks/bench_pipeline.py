@@ -7,11 +7,14 @@ and peak RSS per rank against one process.
     python benchmarks/bench_pipeline.py --quick    # seconds, checks that it runs
 
 The model: 8 blocks of Linear(d, d) + Tanh, MSE against a random target, SGD. Processes are started here (as
-torchrun would) on gloo over 127.0.0.1; Lightning joins the process group they hold.
+torchrun would) on gloo over 127.0.0.1; Lightning joins the process group they hold. A step's time is a cycle on
+rank 0: from one step's start to the next one's, with both ranks at the start line (raw: a barrier; ours: the
+strategy's per-step loss all-reduce), so the slower rank's whole step is counted for both contenders.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 import statistics
@@ -74,15 +77,22 @@ class BenchNet(L.LightningModule):
 
 
 class StepTimer(Callback):
+    """Cycle times: from one batch's start to the next one's (the last: to its end), so that the time a rank waits
+    for its peer, and Lightning's own work between batches, are counted."""
+
     def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
+        self.starts: list[float] = []
+        self.end = 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        self._start = time.perf_counter()
+        self.starts.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, b: Any, i: int) -> None:
-        self.times.append(time.perf_counter() - self._start)
+        self.end = time.perf_counter()
+
+    @property
+    def times(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, [*self.starts[1:], self.end], strict=True)]
 
 
 def _one_process(cfg: dict) -> dict:
@@ -114,14 +124,16 @@ def _raw(rank: int, cfg: dict, name: str) -> float:
     schedule = spec.cls(stages if spec.multi else stages[0], cfg["m"], loss_fn=F.mse_loss)
     params = [p for stage in stages for p in stage.submod.parameters()]
     optimizer = torch.optim.SGD(params, lr=1e-3)
-    times = []
+    marks = []  # each step starts when both ranks are there: a cycle counts the slower rank's whole step
     for x, y in make_batches(cfg):
         dist.barrier()
-        start = time.perf_counter()
+        marks.append(time.perf_counter())
         schedule.step(*((x,) if 0 in ids else ()), target=y if n_stages - 1 in ids else None)
         optimizer.step()
         optimizer.zero_grad()
-        times.append(time.perf_counter() - start)
+    dist.barrier()
+    marks.append(time.perf_counter())
+    times = [b - a for a, b in itertools.pairwise(marks)]
     return statistics.median(times[cfg["warmup"] :])
 
 
