@@ -110,7 +110,10 @@ class ScalingEfficiency(Callback):
     it includes ``E_N = T_1 / (N · T_N)``.
 
     On logging steps it logs ``scaling/step_seconds`` and ``scaling/samples_per_second`` of the step just done
-    (after the warm-up) and this rank's ``scaling/peak_rss_mib`` so far.
+    (after the warm-up) and this rank's ``scaling/peak_rss_mib`` so far. At the end of training the report's
+    T_N, samples per second, largest peak RSS (MiB), E_N and time to target are also put in
+    ``trainer.callback_metrics`` as ``scaling/report_<name>``: a launcher that spawns the ranks returns those to
+    the calling process, whose own copy of the callback is never run.
 
     Args:
         warmup_steps: optimizer steps at the start of every fit left out of the step time.
@@ -245,6 +248,18 @@ class ScalingEfficiency(Callback):
                 else None
             ),
             curve=list(self.curve),
+        )
+        # a launcher that spawns the ranks (ddp_spawn, the model-parallel strategies started in one process) returns
+        # only `trainer.callback_metrics` to the calling process, whose copy of this callback stays empty
+        headline = {
+            "step_seconds": self.report.step_seconds,
+            "samples_per_second": self.report.samples_per_second,
+            "peak_rss_mib": max(self.report.peak_rss_bytes) / 2**20,
+            "efficiency": self.report.efficiency,
+            "seconds_to_target": self.report.seconds_to_target,
+        }
+        trainer.callback_metrics.update(
+            {f"scaling/report_{k}": torch.tensor(float(v)) for k, v in headline.items() if v is not None}
         )
 
     @override

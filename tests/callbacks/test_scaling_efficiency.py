@@ -247,6 +247,10 @@ def test_boring_model_in_a_plain_trainer():
     trainer.fit(BoringPipe(), loader(_boring_data(), 4), loader(_boring_data(8), 4))
     _check_report(callback, 1, 4, 16)
     assert callback.report is not None and callback.report.seconds_to_target == pytest.approx(callback.curve[0][1])
+    metrics = trainer.callback_metrics
+    assert float(metrics["scaling/report_step_seconds"]) == pytest.approx(callback.report.step_seconds)
+    assert float(metrics["scaling/report_efficiency"]) == pytest.approx(callback.report.efficiency)
+    assert float(metrics["scaling/report_seconds_to_target"]) == pytest.approx(callback.report.seconds_to_target)
     assert callback.report.train_seconds > 0 and callback.curve[0][1] == pytest.approx(sum(callback.step_seconds[:8]))
 
 
@@ -275,3 +279,18 @@ def test_boring_model_under_ddp_and_the_hybrid_strategy():
     replica of 4), T_N the slowest rank's mean, one peak RSS per rank, and the same T_N and curve on every rank."""
     for gathered in run_distributed(_boring_fits, 2, timeout=240)[0]:
         assert gathered[0] == gathered[1]
+
+
+@pytest.mark.distributed
+def test_a_spawning_launcher_hands_the_report_to_the_calling_process():
+    """Under ``ddp_spawn`` the callback runs in the spawned ranks only; the report's headline figures come back
+    through ``trainer.callback_metrics`` (2 ranks, batches of 4: a global batch of 8)."""
+    callback = ScalingEfficiency(warmup_steps=1, target=1e9, reference_step_seconds=0.5)
+    trainer = quiet_trainer(devices=2, strategy="ddp_spawn", max_epochs=1, callbacks=[callback])
+    trainer.fit(BoringPipe(), loader(_boring_data(), 4), loader(_boring_data(8), 4))
+    assert callback.report is None  # this process's copy never ran
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("scaling/report_")}
+    t_n = metrics["scaling/report_step_seconds"]
+    assert t_n > 0 and metrics["scaling/report_samples_per_second"] == pytest.approx(8 / t_n)
+    assert metrics["scaling/report_efficiency"] == pytest.approx(0.5 / (2 * t_n))
+    assert metrics["scaling/report_peak_rss_mib"] > 50 and metrics["scaling/report_seconds_to_target"] > 0
