@@ -98,5 +98,7 @@ class PipelineStrategy(HybridStrategy):
                 f"`devices` × nodes = {world_size} processes must equal pp × dp with "
                 f"`data_parallel_size={self.data_parallel_size}`: use a multiple of {self.data_parallel_size}."
             )
-        self.parallel_layout = ParallelLayout(dp=self.data_parallel_size, pp=world_size // self.data_parallel_size)
+        layout = ParallelLayout(dp=self.data_parallel_size, pp=world_size // self.data_parallel_size)
+        if layout != self.parallel_layout:  # the same degrees keep their mesh (validate after fit)
+            self.parallel_layout = layout
         return self.parallel_layout

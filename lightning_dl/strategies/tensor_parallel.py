@@ -104,7 +104,9 @@ class TensorParallelStrategy(HybridStrategy):
 
     @override
     def _layout_for(self, world_size: int, module: L.LightningModule | None) -> ParallelLayout:
-        self.parallel_layout = self.layout(world_size)
+        layout = self.layout(world_size)
+        if layout != self.parallel_layout:  # the same degrees keep their mesh (validate after fit)
+            self.parallel_layout = layout
         return self.parallel_layout
 
     @override
