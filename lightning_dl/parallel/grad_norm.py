@@ -29,6 +29,13 @@ def combine_norms(norms: Iterable[torch.Tensor], norm_type: float) -> torch.Tens
     return stacked.pow(norm_type).sum().pow(1.0 / norm_type)
 
 
+def _group_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where a tensor for ``group``'s collectives lives: the current CUDA device under NCCL, else the CPU."""
+    if group is not None and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def total_norm(
     tensors: Sequence[torch.Tensor],
     norm_type: float = 2.0,
@@ -50,11 +57,11 @@ def total_norm(
     """
     if norm_type <= 0:
         raise ValueError(f"`norm_type` must be > 0 (2.0, 1.0 or inf), got {norm_type!r}.")
-    if not tensors:
-        return torch.zeros(())
     dtensors = [t for t in tensors if isinstance(t, DTensor)]
     plain = [t for t in tensors if not isinstance(t, DTensor)]
-    parts = []
+    first = tensors[0].to_local() if tensors and isinstance(tensors[0], DTensor) else (tensors[0] if tensors else None)
+    # a zero part: a rank without gradients (a stage whose parameters got none) still joins the reduction below
+    parts = [torch.zeros((), device=first.device if first is not None else _group_device(group))]
     if plain:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for t in plain:

@@ -48,8 +48,15 @@ def _stage_norms(rank: int, world_size: int) -> list[float]:
     return [total_norm(mine, p, group=dist.group.WORLD).item() for p in (2.0, 1.0, math.inf)]
 
 
+def _one_stage_without_gradients(rank: int, world_size: int) -> list[float]:
+    mine = _tensors() if rank == 0 else []  # the other stage got no gradients: it must still join the reduction
+    return [total_norm(mine, p, group=dist.group.WORLD).item() for p in (2.0, 1.0, math.inf)]
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [_sharded_norms, _stage_norms], ids=["dtensor", "stages"])
+@pytest.mark.parametrize(
+    "layout", [_sharded_norms, _stage_norms, _one_stage_without_gradients], ids=["dtensor", "stages", "empty-stage"]
+)
 def test_distributed_norm_equals_single_process_norm(layout) -> None:
     ranks = run_distributed(layout, 2, timeout=120)
     expected = [torch.nn.utils.get_total_norm(_tensors(), p).item() for p in (2.0, 1.0, math.inf)]
