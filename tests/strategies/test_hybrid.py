@@ -112,10 +112,10 @@ def _hybrid(rank: int, world_size: int, tmp: str, layout: str | None, dp_shard: 
     resumed_state = None
     if layout is None:  # the checkpoint loads back into the shards and stages of the same layout
         resumed_state = _restore(world_size, HybridStrategy(n_microbatches=M), str(Path(tmp) / "hybrid.ckpt"), loader)
-    if dp_shard:  # a sharded folder of the same state, read back under another layout (tp2 x pp2)
+    if dp_shard:  # a sharded folder of the same state, read back under another layout (no FSDP2: tp2 x pp2 on 4)
         strategy.checkpoint_format = "sharded"
         trainer.save_checkpoint(str(Path(tmp) / "sharded"))
-        other = HybridStrategy(layout="tp2,pp2", n_microbatches=M)
+        other = HybridStrategy(layout="tp2,pp2" if world_size == 4 else "dp2,tp2,pp2", n_microbatches=M)
         resumed_state = _restore(world_size, other, str(Path(tmp) / "sharded"), loader)
     return {
         "resumed": resumed_state,
