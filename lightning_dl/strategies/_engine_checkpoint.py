@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_dl.parallel.checkpoint import is_sharded, load_sharded, save_sharded
+from lightning_dl.parallel.checkpoint import NAMES_KEY, is_sharded, load_sharded, save_sharded
 from lightning_dl.parallel.layout import ParallelLayout
 
 OptimizerLayout = list[list[str]]
@@ -242,6 +242,9 @@ class CheckpointingStrategy(ModelParallelStrategy):
         """Full: one file from rank 0. Sharded: a folder of every rank's part, keyed by the plain names
         (:func:`lightning_dl.parallel.checkpoint.save_sharded`, a collective)."""
         if self.checkpoint_format != "sharded":
+            if "optimizer_states" in checkpoint:  # the names of the single-process numbering: a converted folder
+                # then keys optimizer state by name and loads into any layout without the whole model's order
+                checkpoint[NAMES_KEY] = [self._optimizer_layout(i, o) for i, o in enumerate(self.optimizers)]
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return
         if storage_options is not None:

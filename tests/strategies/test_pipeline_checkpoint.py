@@ -92,6 +92,8 @@ def test_checkpoints_resume_and_errors_inside_the_processes(tmp_path: Path) -> N
         torch.testing.assert_close(checkpoint["optimizer_states"][0]["state"][index]["momentum_buffer"],
                                    state["momentum_buffer"], **TOL)  # fmt: skip
     assert checkpoint["global_step"] == single["global_step"] == 6
+    # the names of the one-process numbering travel with it: a converted folder keys optimizer state by name
+    assert checkpoint["optimizer_param_names"] == [[[n for n, _ in module.named_parameters()]]]
     full, sharded = torch.load(tmp_path / "final.ckpt", weights_only=False), to_full(tmp_path / "final_sharded")
     assert sharded["global_step"] == full["global_step"] and list(sharded["state_dict"]) == list(full["state_dict"])
     for key, value in full["state_dict"].items():  # the sharded folder holds what the full file holds
