@@ -170,16 +170,28 @@ def run_layout(text: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def contention(args: argparse.Namespace) -> dict[str, Any]:
-    """One one-process training alone, then two independent ones at once, back to back (the machine's other load
-    changes over minutes): the step time each gets when the machine runs both, against alone."""
+    """One one-process training alone, then two independent ones at once, then one alone again, back to back (the
+    machine's other load changes over minutes, and one run alone moved by a quarter between runs): the step time
+    each gets when the machine runs both, against the mean of the two runs alone."""
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="lightning_dl_scaling_") as tmp:
-        _spawn(_independent, 1, (tmp, args), args.timeout)
-        alone = json.loads(Path(tmp, "independent0.json").read_text())["step_seconds"]
-        _spawn(_independent, 2, (tmp, args), args.timeout)
-        pair = [json.loads(Path(tmp, f"independent{i}.json").read_text())["step_seconds"] for i in range(2)]
-    ceiling = efficiency(2 * alone, sum(pair) / len(pair), 2)  # two steps' work, done in one step's time at best
-    return {"alone_step_seconds": alone, "step_seconds": pair, "ceiling_E2": ceiling, "load_before": list(load)}
+
+        def steps(nprocs: int) -> list[float]:
+            _spawn(_independent, nprocs, (tmp, args), args.timeout)
+            return [json.loads(Path(tmp, f"independent{i}.json").read_text())["step_seconds"] for i in range(nprocs)]
+
+        first = steps(1)
+        pair = steps(2)
+        alone = first + steps(1)
+    mean_alone = sum(alone) / len(alone)
+    ceiling = efficiency(2 * mean_alone, sum(pair) / len(pair), 2)  # two steps' work, done in one step's time at best
+    return {
+        "alone_step_seconds": mean_alone,
+        "alone_runs_step_seconds": alone,
+        "step_seconds": pair,
+        "ceiling_E2": ceiling,
+        "load_before": list(load),
+    }
 
 
 def main() -> None:
@@ -303,7 +315,7 @@ def report(results: list[dict], machine: dict, args: argparse.Namespace, load_st
     if ceiling is not None:
         alone, pair = machine["two_independent"]["alone_step_seconds"], machine["two_independent"]["step_seconds"]
         print(
-            f"two independent processes: {1000 * alone:.1f} ms/step alone, "
+            f"two independent processes: {1000 * alone:.1f} ms/step alone (mean of a run before and one after), "
             f"{', '.join(f'{1000 * s:.1f}' for s in pair)} ms/step at once: E_2 ceiling {ceiling:.2f}"
         )
 
