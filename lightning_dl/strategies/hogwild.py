@@ -120,16 +120,28 @@ class HogwildStrategy(AsyncBase):
     @override
     def on_train_start(self) -> None:
         assert self._count is not None and self._ready is not None
-        self._ready[self.global_rank] = 1  # start together, so no process trains alone while others still load
+        # start together, so no process trains alone while others still load: rank 0 marks itself ready last, once
+        # every other process is, and the others start only then (rank 0, which saves and hands back the run, is
+        # at the start line before anyone takes a step)
+        if self.global_rank != 0:
+            self._ready[self.global_rank] = 1
         deadline = time.monotonic() + self.grace
         while int(self._ready.sum()) < self.num_processes:
+            if self.global_rank == 0 and int(self._ready[1:].sum()) == self.num_processes - 1:
+                self._ready[0] = 1
+                break
             if time.monotonic() > deadline:
                 missing = (self._ready == 0).nonzero().flatten().tolist()
                 raise TimeoutError(f"Hogwild ranks {missing} did not start training within {self.grace} s.")
-            time.sleep(0.01)
+            time.sleep(0.001)
         self._base = self._trainer.global_step  # every process restored the same count on resume
-        self._window = (self._base + int(self._count), time.monotonic())
-        set_global_step(self._trainer, self._window[0], after_step=False)
+        start = self._base + int(self._count)
+        max_steps = self._trainer.max_steps
+        if 0 <= max_steps <= start:  # the others spent the whole budget while this process was still starting
+            start = max_steps  # (the counter also holds the numbers taken past the budget)
+            self._wait_applied(max_steps - self._base)
+        self._window = (start, time.monotonic())
+        set_global_step(self._trainer, start, after_step=False)
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:

@@ -52,7 +52,9 @@ def test_after_fit_the_calling_process_saves_evaluates_and_resumes(strategy, res
     # the calling process's Trainer is where rank 0's run ended
     metrics = trainer.callback_metrics
     assert trainer.global_step == STEPS == metrics["audit/global_step"]  # exact, Hogwild included
-    assert trainer.current_epoch == metrics["audit/epoch"] >= 1
+    assert trainer.current_epoch == metrics["audit/epoch"]
+    # async_sgd: rank 0's pushes cover more than one epoch; Hogwild: rank 0's share of the steps depends on the race
+    assert trainer.current_epoch >= (0 if hogwild else 1)
     assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == metrics["audit/batches"]
     assert [p.name.split("-")[1] for p in (tmp_path / "run").iterdir()] == [f"step={STEPS}.ckpt"]  # rank 0 wrote it
 
@@ -66,7 +68,8 @@ def test_after_fit_the_calling_process_saves_evaluates_and_resumes(strategy, res
     assert checkpoint["global_step"] == STEPS and checkpoint["epoch"] == trainer.current_epoch
     assert len(checkpoint["optimizer_states"][0]["state"]) == 2  # momentum of both tensors (of every shard)
     steps_of_the_schedule = checkpoint["lr_schedulers"][0]["last_epoch"]
-    assert 0 < steps_of_the_schedule < STEPS if hogwild else steps_of_the_schedule == STEPS  # rank 0's own steps
+    # rank 0's own steps: under Hogwild its share of the shared budget (the batches it completed)
+    assert steps_of_the_schedule == (metrics["audit/batches"] if hogwild else STEPS)
 
     # test, validate and predict run here, on the parameters this process holds
     with torch.no_grad():
