@@ -1,13 +1,18 @@
-"""Run a function in N gloo processes joined on 127.0.0.1, with a bounded wait so that a hang fails the test."""
+"""Run a function in N gloo processes joined on 127.0.0.1, with a bounded wait so that a hang fails the test; and
+start ``torchrun`` nodes on 127.0.0.1 as separate process groups that a test can stop."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT = 120.0
+ROOT = Path(__file__).resolve().parents[2]  # the repository: torchrun's workers import `tests.*` from here
 
 
 def loopback_env(rank: int, world_size: int) -> dict[str, str]:
@@ -106,3 +112,61 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                     process.kill()
                 process.join()
         return [torch.load(Path(tmp) / f"result_{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no one holds right now (for a rendezvous that binds it next)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_node(
+    node: int,
+    port: int,
+    out: Path,
+    *,
+    module: str,
+    args: Sequence[str] = (),
+    nnodes: int = 2,
+    nproc_per_node: int = 2,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen:
+    """Start node ``node`` of ``nnodes`` as ``python -m torch.distributed.run`` would on a machine of its own, its
+    rendezvous on 127.0.0.1:``port``: ``nproc_per_node`` workers, each ``python -m <module> --out=<out> <args>``.
+
+    The workers run in the repository (``PYTHONPATH``) with one OpenMP thread; ``env`` adds or overrides variables.
+    torchrun's output goes to ``out/node{node}.log``. The node runs in a session of its own: :func:`stop_process`
+    ends it with all its workers.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--node-rank={node}",
+        f"--nproc-per-node={nproc_per_node}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+        "-m",
+        module,
+        f"--out={out}",
+        *args,
+    ]
+    environment = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | dict(env or {})
+    with (out / f"node{node}.log").open("w") as log:  # the child holds its own copy of the file
+        return subprocess.Popen(
+            command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """End ``process`` and its whole process group if it still runs (as :func:`torchrun_node` starts it): SIGTERM,
+    then SIGKILL after ``timeout`` seconds; waits at most ``timeout`` seconds more."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout)

@@ -44,3 +44,19 @@ class TinyRegressor(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class SequentialPipelineModule(L.LightningModule):
+    """The pipeline side of a module whose ``net`` (an ``nn.Sequential`` the subclass builds) is its blocks in order:
+    ``forward`` runs ``net``, ``pipeline_blocks()`` lists its children, ``pipeline_loss`` is the MSE."""
+
+    net: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def pipeline_blocks(self) -> list[nn.Module]:
+        return list(self.net)
+
+    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(output, target)

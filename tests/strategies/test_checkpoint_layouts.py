@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ from lightning_dl.parallel.layout import ParallelLayout
 from lightning_dl.strategies.hybrid import HybridStrategy
 from lightning_dl.strategies.pipeline import PipelineStrategy
 from tests.helpers.distributed import run_distributed
+from tests.helpers.models import SequentialPipelineModule
 from tests.helpers.trainer import quiet_trainer
 
 BATCH, M, PER_EPOCH = 8, 4, 4
@@ -32,7 +32,7 @@ STEPS = 2 * PER_EPOCH  # stopped after the first epoch, resumed for the second
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
-class PairNet(L.LightningModule):
+class PairNet(SequentialPipelineModule):
     """Four blocks of a Linear pair (8 → 16 → 8): pipeline stages and tensor-parallel shards; MSE; Adam (its step
     count enters every update, so a resume that lost it would show)."""
 
@@ -40,15 +40,6 @@ class PairNet(L.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(*(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)) for _ in range(4)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def pipeline_blocks(self) -> list[nn.Module]:
-        return list(self.net)
-
-    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(output, target)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch

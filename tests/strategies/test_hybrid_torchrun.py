@@ -8,10 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.distributed import free_port, stop_process, torchrun_node
+
 LAYOUT = "dp2,tp2"
 STEPS, BATCH, LR = 3, 4, 0.1  # BATCH per replica: global batches of 8
 
@@ -91,41 +89,6 @@ def main() -> None:
     (args.out / f"rank{rank}.json").write_text(json.dumps(place))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _torchrun(node: int, port: int, out: Path) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=2",
-        f"--node-rank={node}",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={port}",
-        "-m",
-        "tests.strategies.test_hybrid_torchrun",
-        f"--out={out}",
-    ]
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    log = (out / f"node{node}.log").open("w")
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-
-
 def _reference() -> dict[str, torch.Tensor]:
     """One process on the same global batches: step k reads both replicas' k-th batches, in the order Lightning's
     DistributedSampler (always shuffled for training, seed 0) gives the two dp ranks; plain SGD."""
@@ -147,8 +110,9 @@ def _reference() -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_torchrun_nodes_train_dp_across_nodes_and_tp_within(tmp_path):
-    port = _free_port()
-    nodes = [_torchrun(node, port, tmp_path) for node in (0, 1)]
+    port = free_port()
+    env = {"GLOO_SOCKET_IFNAME": "lo"}
+    nodes = [torchrun_node(n, port, tmp_path, module="tests.strategies.test_hybrid_torchrun", env=env) for n in (0, 1)]
     deadline = time.monotonic() + 240
     try:
         for process in nodes:
@@ -157,7 +121,7 @@ def test_two_torchrun_nodes_train_dp_across_nodes_and_tp_within(tmp_path):
         pass
     finally:
         for process in nodes:
-            _stop(process)
+            stop_process(process)
     logs = "\n".join((tmp_path / f"node{n}.log").read_text() for n in (0, 1))
     assert [p.returncode for p in nodes] == [0, 0], f"torchrun output:\n{logs[-6000:]}"
     places = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]

@@ -19,14 +19,14 @@ from lightning_dl.callbacks import GradientClipping, LRSchedule
 from lightning_dl.plot import plot_pipeline_timeline
 from lightning_dl.strategies.pipeline import PipelineStrategy
 from tests.helpers.distributed import run_distributed
-from tests.helpers.models import regression_dataset
+from tests.helpers.models import SequentialPipelineModule, regression_dataset
 from tests.helpers.trainer import quiet_trainer
 
 BATCH, M = 8, 4
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
-class PipeNet(L.LightningModule):
+class PipeNet(SequentialPipelineModule):
     """Four blocks (8 → 16 → 16 → 16 → 1); ``batch_norm`` puts a BatchNorm in block 2 (a non-first stage)."""
 
     def __init__(self, batch_norm: bool = False, lr: float = 0.1) -> None:
@@ -40,15 +40,6 @@ class PipeNet(L.LightningModule):
             nn.Linear(16, 1),
         )
         self.lr = lr
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def pipeline_blocks(self) -> list[nn.Module]:
-        return list(self.net)
-
-    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(output, target)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -104,17 +104,23 @@ def _case(name: str) -> tuple[L.LightningModule, TensorDataset]:
 CASES = ("classifier", "language_model", "torch_encoder", "configure_model")
 
 
+def _trainer(*, pipeline: bool) -> L.Trainer:
+    """Either side of every comparison: ``STEPS`` optimizer steps, gradients clipped at 0.5; on 2 processes under a
+    GPipe schedule of ``M`` micro-batches (batches of ``BATCH``), or in one process accumulating ``M`` batches (of
+    ``BATCH // M``)."""
+    if pipeline:
+        strategy = PipelineStrategy(schedule="gpipe", n_microbatches=M)
+        return quiet_trainer(
+            devices=2, strategy=strategy, use_distributed_sampler=False, max_steps=STEPS, gradient_clip_val=0.5
+        )
+    return quiet_trainer(max_steps=STEPS, accumulate_grad_batches=M, gradient_clip_val=0.5)
+
+
 def _pipelined(rank: int, world_size: int) -> dict:
     out = {}
     for name in CASES:
         module, data = _case(name)
-        trainer = quiet_trainer(
-            devices=2,
-            strategy=PipelineStrategy(schedule="gpipe", n_microbatches=M),
-            use_distributed_sampler=False,
-            max_steps=STEPS,
-            gradient_clip_val=0.5,
-        )
+        trainer = _trainer(pipeline=True)
         trainer.fit(module, DataLoader(data, batch_size=BATCH))
         out[name] = {k: v.clone() for k, v in module.state_dict().items()}
         out[f"{name}_built_on_meta"] = getattr(module, "built_on_meta", None)
@@ -133,9 +139,7 @@ def test_modules_and_a_foreign_model_match_one_process() -> None:
                 module.configure_model()
             materialize(module.pipeline_blocks(), range(4), device=torch.device("cpu"), seed=0)
             assert all(r["configure_model_built_on_meta"] for r in results)  # never whole on any rank
-        quiet_trainer(max_steps=STEPS, accumulate_grad_batches=M, gradient_clip_val=0.5).fit(
-            module, DataLoader(data, batch_size=BATCH // M)
-        )
+        _trainer(pipeline=False).fit(module, DataLoader(data, batch_size=BATCH // M))
         expected = module.state_dict()
         if name == "classifier":  # the module's own torchmetrics accuracy in one process
             metrics = quiet_trainer().validate(module, DataLoader(data, batch_size=BATCH), verbose=False)[0]
@@ -153,21 +157,13 @@ def test_spawned_fit_builds_configure_model_blocks_in_the_calling_process(capfd:
     """Lightning's own launcher (spawn) and a module that builds its blocks in ``configure_model()``: the calling
     process builds them too (meta, then storage) and holds every trained block; the processes leave together."""
     module, data = _case("configure_model")
-    trainer = quiet_trainer(
-        devices=2,
-        strategy=PipelineStrategy(schedule="gpipe", n_microbatches=M),
-        use_distributed_sampler=False,
-        max_steps=STEPS,
-        gradient_clip_val=0.5,
-    )
+    trainer = _trainer(pipeline=True)
     trainer.fit(module, DataLoader(data, batch_size=BATCH))
     reference, _ = _case("configure_model")
     with torch.device("meta"):
         reference.configure_model()
     materialize(reference.pipeline_blocks(), range(4), device=torch.device("cpu"), seed=0)
-    quiet_trainer(max_steps=STEPS, accumulate_grad_batches=M, gradient_clip_val=0.5).fit(
-        reference, DataLoader(data, batch_size=BATCH // M)
-    )
+    _trainer(pipeline=False).fit(reference, DataLoader(data, batch_size=BATCH // M))
     assert module.net is not None and not any(p.is_meta for p in module.parameters())
     state = module.state_dict()
     assert set(state) == set(reference.state_dict())
