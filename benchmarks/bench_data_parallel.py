@@ -7,7 +7,7 @@ runs in the same two processes; ``--rounds`` rounds go over all of them in turn 
 the median round is reported, so that load from elsewhere hits every contender alike. Prints ratios (ours / DDP)
 and absolute figures; writes data_parallel.json and data_parallel.png.
 
-    python benchmarks/bench_data_parallel.py [--steps 16] [--rounds 3] [--quick] [--out DIR]
+    python benchmarks/bench_data_parallel.py [--steps 16] [--rounds 3] [--only ddp_sign,ddp_powersgd] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -234,9 +234,19 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--steps", type=int, default=16, help="timed steps per contender and round (after warm-up)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all contenders; the median is reported")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated strategy names to run (with 'ddp' and the torch rows); default: every contender",
+    )
     args = parser.parse_args()
     if args.steps < 2 or args.rounds < 1:
         parser.error(f"--steps must be >= 2 and --rounds >= 1, got {args.steps} and {args.rounds}")
+    only = {name for name in args.only.split(",") if name}
+    known = {name for _, name, _ in CONTENDERS}
+    if only - known:
+        parser.error(f"--only names unknown strategies {sorted(only - known)}; valid: {sorted(known)}")
+    contenders = tuple(c for c in CONTENDERS if not only or c[1] in only | {"ddp"})
     bench = Bench("data_parallel", args)
     quick = bench.quick
     cfg = {
@@ -245,7 +255,7 @@ def main() -> None:
         "warmup": 2 if quick else 4,
         "steps": 4 if quick else args.steps,
         "rounds": 1 if quick else args.rounds,
-        "contenders": CONTENDERS,
+        "contenders": contenders,
     }
     with tempfile.TemporaryDirectory(prefix="bench_data_parallel_") as tmp:
         mp.spawn(_rank, args=(2, tmp, cfg), nprocs=2, join=True)

@@ -7,10 +7,12 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_dl.parallel.comm import kernels
 from lightning_dl.parallel.comm.compressors import (
     check_compressor,
     initial_q,
@@ -26,6 +28,9 @@ from lightning_dl.parallel.comm.workspace import CHUNK, BucketWorkspace
 
 # no `from __future__ import annotations`: DDP checks the hooks' annotations at runtime
 Future = torch.futures.Future[torch.Tensor]
+
+FUSED = True
+"""Run CPU buckets through the fused loops of ``kernels.py`` (the torch path otherwise: other devices, and tests)."""
 
 
 def _done(tensor: torch.Tensor) -> Future:
@@ -94,8 +99,9 @@ def _workspace(state: CompressionState, bucket: dist.GradBucket) -> BucketWorksp
             del state.workspaces[key]
         shapes = [g.shape for g in bucket.gradients()]
         device = bucket.buffer().device
+        fused = FUSED and device.type == "cpu"
         ws = BucketWorkspace(
-            list(names), shapes, state.compressor, world=state.world_size(), rank=state.rank, device=device
+            list(names), shapes, state.compressor, world=state.world_size(), rank=state.rank, device=device, fused=fused
         )
         state.workspaces[names] = ws
     ws.adopt(state.residuals)
@@ -134,14 +140,14 @@ def quantized_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
         return _allreduce_mean(state, bucket)
     ws = _workspace(state, bucket)
     out = _float_buffer(bucket)
-    sign = state.compressor == "sign"
-    _sign_encode(ws, out) if sign else _int8_encode(ws, out)
+    encode, finish = _CODECS[state.compressor, ws.fused]
+    encode(ws, out)
     state.bytes_sent += ws.message.numel()
     world, me = state.world_size(), dist.get_rank(state.process_group)
     work = dist.all_gather(ws.received, ws.message, group=state.process_group, async_op=True)
 
     def decode(fut: Future) -> torch.Tensor:
-        _sign_finish(ws, out, world, me) if sign else _int8_finish(ws, out, world, me)
+        finish(ws, out, world, me)
         if out is not bucket.buffer():
             bucket.buffer().copy_(out)
         return bucket.buffer()
@@ -223,11 +229,67 @@ def _sign_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: int) ->
         out.div_(world)
 
 
+def _fused_int8_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
+    """``_int8_encode`` with the codes and ``e`` in one fused pass per tensor; ``out`` is left to
+    ``_fused_int8_finish``."""
+    ws.residual.add_(out)
+    for i in range(len(ws.names)):
+        c = ws.view(ws.residual, i)
+        ws.scales[i] = int8_scale(c)
+        kernels.int8_quantize(_np(c), np.float32(float(ws.scales[i])), _np(ws.codes(ws.message, i).view(torch.int8)))
+
+
+def _fused_int8_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: int) -> None:
+    """The mean of every rank's ``q·s`` (this rank's own from its message too) into ``out``: one pass."""
+    scales = _np(ws.received_scales())
+    for i in range(len(ws.names)):
+        codes, mean = _np(ws.received_codes(i).view(torch.int8)), _np(ws.view(out, i))
+        if world == 2:
+            kernels.int8_finish_pair(codes[0], codes[1], scales[i, 0], scales[i, 1], mean)
+        else:
+            kernels.int8_finish(codes, scales[i], mean)
+
+
+def _fused_sign_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
+    """``_sign_encode`` in one fused pass per tensor (``c``, its packed signs and ``‖c‖₁``)."""
+    for i, n in enumerate(ws.numels):
+        total = kernels.sign_encode(_np(ws.view(ws.residual, i)), _np(ws.view(out, i)), _np(ws.codes(ws.message, i)))
+        ws.scales[i] = total / n if n else 0.0
+
+
+def _fused_sign_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: int) -> None:
+    """``_sign_finish`` in one fused pass per tensor (``e`` and the mean): with two ranks, whole 64-bit words of
+    signs at a time, then the last ``n mod 64`` elements."""
+    scales = _np(ws.received_scales())
+    for i, n in enumerate(ws.numels):
+        c, codes, mean = _np(ws.view(ws.residual, i)), _np(ws.received_codes(i)), _np(ws.view(out, i))
+        bulk = n // 64 * 64 if world == 2 else 0
+        if bulk:
+            words = codes[:, : bulk // 8].view(np.uint64)
+            s_me, s_other = scales[i, me], scales[i, 1 - me]
+            kernels.sign_finish_pair(c[:bulk], words[me], words[1 - me], s_me, s_other, mean[:bulk])
+        kernels.sign_finish(c[bulk:], codes[:, bulk // 8 :], scales[i], me, mean[bulk:], kernels.SIGNS)
+
+
+_CODECS = {  # (compressor, fused): (encode, finish)
+    ("int8", False): (_int8_encode, _int8_finish),
+    ("sign", False): (_sign_encode, _sign_finish),
+    ("int8", True): (_fused_int8_encode, _fused_int8_finish),
+    ("sign", True): (_fused_sign_encode, _fused_sign_finish),
+}
+
+
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    """The NumPy view of a CPU tensor (shared memory), for the fused loops."""
+    return tensor.detach().numpy()
+
+
 def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
     """PowerSGD with error feedback and warm start: matrices worth compressing go as ``P`` then ``Q`` (two
     all-reduces), the others uncompressed with the first. Residual ``M − P̂·Q_localᵀ`` (Vogels et al. 2019).
     Every product is written into preallocated buffers: ``P`` and ``Qᵀ`` into the two messages, the residual
-    update in place (``addmm_``), the result straight into the bucket buffer.
+    update in place, the result straight into the bucket buffer. Fused (CPU): three passes over each matrix
+    (``M = g + e`` with ``P = MQ``; ``Qᵀ = P̂ᵀM``; the residual with the result ``P̂Q̄ᵀ``) where torch takes five.
 
     Both all-reduces run inside the hook, in bucket order: issuing the second from a future's callback lets ranks
     order collectives of different buckets differently, and gloo then hangs (seen with a multi-bucket model)."""
@@ -243,31 +305,49 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
             ws.first[ws.plain_offsets[i] : ws.plain_offsets[i] + grad.numel()].copy_(grad)
             continue
         rows = ws.shapes[i][0]
-        m = ws.residual_views[i].view(rows, -1)
-        m.add_(grad.view(rows, -1))  # M = g + e
+        m, g = ws.residual_views[i].view(rows, -1), grad.view(rows, -1)
         if name not in state.qs:
             state.qs[name] = initial_q(ws.shapes[i], r, state.seed + zlib.crc32(name.encode())).to(m.device)
         p = ws.first[ws.p_offsets[i] : ws.p_offsets[i] + rows * r].view(rows, r)
-        torch.mm(m, state.qs[name], out=p)
-        q_t = ws.second[ws.q_offsets[i] : ws.q_offsets[i] + m.shape[1] * r].view(r, m.shape[1])
-        matrices.append((name, grad.view(rows, -1), m, p, q_t))
+        if ws.fused:
+            kernels.add_project(_np(m), _np(g), _np(state.qs[name].T.contiguous()), _np(p))
+        else:
+            m.add_(g)  # M = g + e
+            torch.mm(m, state.qs[name], out=p)
+        matrices.append((name, g, m, p, slice(ws.q_offsets[i], ws.q_offsets[i] + m.shape[1] * r)))
     state.bytes_sent += ws.first.numel() * ws.first.element_size()
     dist.all_reduce(ws.first, group=state.process_group)
     ws.first.div_(world)
     for i in range(len(ws.names)):
         if not ws.compressed[i]:
             ws.view(out, i).copy_(ws.first[ws.plain_offsets[i] : ws.plain_offsets[i] + ws.numels[i]])
-    for _, _, m, p_hat, q_t in matrices:
+    if not matrices:
+        return _finished(bucket, out)
+    for _, _, m, p_hat, span in matrices:
         orthogonalize_(p_hat)
-        torch.mm(p_hat.T, m, out=q_t)  # this rank's Qᵀ = P̂ᵀM (on CPU 3x faster than MᵀP̂ into Q)
-        m.addmm_(p_hat, q_t, alpha=-1.0)  # residual e = M − P̂Qᵀ
-    if matrices:
-        state.bytes_sent += ws.second.numel() * ws.second.element_size()
-        dist.all_reduce(ws.second, group=state.process_group)
-        ws.second.div_(world)
-        for name, grad, _, p_hat, q_mean_t in matrices:
-            state.qs[name].copy_(q_mean_t.T)
+        q_t = ws.second[span].view(r, -1)
+        if ws.fused:
+            kernels.project_back(_np(p_hat), _np(m), _np(q_t))  # this rank's Qᵀ = P̂ᵀM
+        else:
+            torch.mm(p_hat.T, m, out=q_t)  # this rank's Qᵀ = P̂ᵀM (on CPU 3x faster than MᵀP̂ into Q)
+            m.addmm_(p_hat, q_t, alpha=-1.0)  # residual e = M − P̂Qᵀ
+    if ws.fused:
+        ws.q_local.copy_(ws.second)
+    state.bytes_sent += ws.second.numel() * ws.second.element_size()
+    dist.all_reduce(ws.second, group=state.process_group)
+    ws.second.div_(world)
+    for name, grad, m, p_hat, span in matrices:
+        q_mean_t = ws.second[span].view(r, -1)
+        state.qs[name].copy_(q_mean_t.T)
+        if ws.fused:  # residual e = M − P̂Q_localᵀ and the result P̂Q̄ᵀ in one pass
+            q_local_t = ws.q_local[span].view(r, -1)
+            kernels.residual_and_result(_np(m), _np(p_hat), _np(q_local_t), _np(q_mean_t), _np(grad), _np(ws.row))
+        else:
             torch.mm(p_hat, q_mean_t, out=grad)
+    return _finished(bucket, out)
+
+
+def _finished(bucket: dist.GradBucket, out: torch.Tensor) -> Future:
     if out is not bucket.buffer():
         bucket.buffer().copy_(out)
     return _done(bucket.buffer())

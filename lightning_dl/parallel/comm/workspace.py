@@ -1,6 +1,6 @@
 """Preallocated buffers of one DDP gradient bucket for the compressed hooks: the residuals of its tensors in one flat
 float32 buffer (``CompressionState.residuals`` holds views into it, by parameter name), the message a rank sends,
-the messages it receives and the scratch that packing bits needs. Allocated once per bucket layout, so that a step
+the messages it receives and the scratch that the torch path needs. Allocated once per bucket layout, so that a step
 makes no large allocation (every new multi-megabyte tensor costs page faults on first touch)."""
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ class BucketWorkspace:
         world: ranks in the process group (one receive buffer each).
         rank: PowerSGD's approximation rank.
         device: where the buffers live (the bucket's device).
+        fused: whether the hooks run this bucket through the fused CPU loops of ``kernels.py`` (they need no scratch
+            of gradient size); otherwise through torch operations, which any device runs.
 
     Example::
 
@@ -40,8 +42,9 @@ class BucketWorkspace:
         world: int,
         rank: int = 4,
         device: torch.device | None = None,
+        fused: bool = False,
     ) -> None:
-        self.names, self.shapes = names, shapes
+        self.names, self.shapes, self.fused = names, shapes, fused
         self.numels = [s.numel() for s in shapes]
         self.offsets = [sum(self.numels[:i]) for i in range(len(shapes))]
         total = sum(self.numels)
@@ -61,6 +64,10 @@ class BucketWorkspace:
             self.q_offsets = _starts(q_sizes)
             self.first = torch.empty(sum(p_sizes) + sum(plain), device=device)
             self.second = torch.empty(sum(q_sizes), device=device)
+            if fused:  # this rank's Qᵀ, kept while the second all-reduce averages it; one row of scratch
+                self.q_local = torch.empty_like(self.second)
+                cols = [n // s[0] for n, s, c in zip(self.numels, shapes, self.compressed, strict=True) if c]
+                self.row = torch.empty(max(cols, default=0), device=device)
             return
         self.compressed = [True] * len(shapes)
         code_sizes = self.numels if compressor == "int8" else [-(-n // 8) for n in self.numels]
@@ -69,7 +76,13 @@ class BucketWorkspace:
         self.code_sizes = code_sizes
         self.message = torch.zeros(head + sum(code_sizes), dtype=torch.uint8, device=device)
         self.scales = self.message[:head].view(torch.float32)
-        self.received = [torch.empty_like(self.message) for _ in range(world)]
+        length = self.message.numel()
+        self.received_all = torch.empty(world, -(-length // 4) * 4, dtype=torch.uint8, device=device)
+        """Every rank's message after the all-gather, one row each, rows aligned to 4 bytes for the float32 scales
+        (``received`` lists the messages)."""
+        self.received = [row[:length] for row in self.received_all]
+        if fused:
+            return
         if compressor == "int8":
             self.scratch = torch.empty(total, device=device)
             """Another rank's decoded message, before it is added."""
@@ -91,6 +104,16 @@ class BucketWorkspace:
         """Tensor ``i``'s code bytes in ``message`` (this rank's or a received one)."""
         start = self.code_offsets[i]
         return message[start : start + self.code_sizes[i]]
+
+    def received_codes(self, i: int) -> torch.Tensor:
+        """Tensor ``i``'s code bytes in every rank's message, one row per rank."""
+        start = self.code_offsets[i]
+        return self.received_all[:, start : start + self.code_sizes[i]]
+
+    def received_scales(self) -> torch.Tensor:
+        """Every rank's float32 scales, one row per tensor, one column per rank."""
+        head = 4 * len(self.names)
+        return torch.stack([r[:head].view(torch.float32) for r in self.received], dim=1)
 
     def sign_bits(self, i: int) -> torch.Tensor:
         """Tensor ``i``'s 0/1 sign bytes (without the padding)."""

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import lightning_dl.parallel.comm.hooks as hooks
 from lightning_dl.parallel.comm import CompressionState, LocalState, average_, hook_for, local_hook
 from lightning_dl.parallel.comm.compressors import initial_q
 from tests.helpers.distributed import run_distributed
@@ -26,7 +27,8 @@ def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(4, 8, generator=generator), torch.randn(4, 1, generator=generator)
 
 
-def _trace(compressor: str, start_iter: int, rank: int, bucket_cap_mb: float = 25.0) -> list[dict]:
+def _trace(compressor: str, start_iter: int, rank: int, bucket_cap_mb: float = 25.0, fused: bool = True) -> list[dict]:
+    hooks.FUSED = fused  # the workspace takes the path when it is built, at the first compressed step
     net = tiny_net(seed=0)
     state = CompressionState(net, compressor, rank=RANK, start_iter=start_iter)
     model = DistributedDataParallel(net, bucket_cap_mb=bucket_cap_mb)
@@ -58,6 +60,8 @@ def _trace(compressor: str, start_iter: int, rank: int, bucket_cap_mb: float = 2
 
 def _run(rank: int, world_size: int) -> dict:
     out = {c: _trace(c, 0, rank) for c in ("int8", "sign", "powersgd")}
+    out |= {f"{c}_torch": _trace(c, 0, rank, fused=False) for c in ("int8", "sign", "powersgd")}
+    hooks.FUSED = True
     out["int8_start2"] = _trace("int8", 2, rank)
     for compressor in ("int8", "powersgd"):  # one bucket per tensor: collectives of several buckets in order
         out[f"{compressor}_buckets"] = _trace(compressor, 0, rank, bucket_cap_mb=1e-4)
@@ -109,11 +113,12 @@ def _corrected(rank_steps: dict, name: str) -> torch.Tensor:
     return rank_steps["local"][name] + (0 if residual is None else residual)
 
 
+@pytest.mark.parametrize("path", ["", "_torch"], ids=["fused", "torch"])
 @pytest.mark.parametrize("compressor", ["int8", "sign"])
-def test_quantized_hooks_send_the_rule_and_keep_the_rest(ranks, compressor) -> None:
+def test_quantized_hooks_send_the_rule_and_keep_the_rest(ranks, compressor, path) -> None:
     rule = _int8 if compressor == "int8" else _sign
     for step in range(STEPS):
-        per_rank = [r[compressor][step] for r in ranks]
+        per_rank = [r[compressor + path][step] for r in ranks]
         for name in per_rank[0]["local"]:
             corrected = [_corrected(s, name) for s in per_rank]
             sent = [rule(c) for c in corrected]
@@ -129,14 +134,15 @@ def test_quantized_hooks_send_the_rule_and_keep_the_rest(ranks, compressor) -> N
         numels = [t.numel() for t in per_rank[0]["local"].values()]
         code_bytes = sum(numels) if compressor == "int8" else sum(-(-n // 8) for n in numels)
         assert per_rank[0]["bytes"] == code_bytes + 4 * len(numels)
-    assert ranks[0][compressor][-1]["after"]  # residuals exist and are not all zero
-    assert any(t.abs().sum() > 0 for t in ranks[0][compressor][-1]["after"].values())
+    assert ranks[0][compressor + path][-1]["after"]  # residuals exist and are not all zero
+    assert any(t.abs().sum() > 0 for t in ranks[0][compressor + path][-1]["after"].values())
 
 
-def test_powersgd_hook_follows_vogels_rule_with_error_feedback(ranks) -> None:
+@pytest.mark.parametrize("path", ["", "_torch"], ids=["fused", "torch"])
+def test_powersgd_hook_follows_vogels_rule_with_error_feedback(ranks, path) -> None:
     qs = {}
     for step in range(STEPS):
-        per_rank = [r["powersgd"][step] for r in ranks]
+        per_rank = [r["powersgd" + path][step] for r in ranks]
         for name, grad in per_rank[0]["local"].items():
             corrected = [_corrected(s, name) for s in per_rank]
             if name != "0.weight":  # not worth compressing: plain mean, no residual

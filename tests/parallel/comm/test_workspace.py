@@ -11,7 +11,8 @@ import lightning_dl.parallel.comm.hooks as hooks
 from lightning_dl.parallel.comm.compressors import pack_bits_, pack_bits_multiply_, sign_decode_
 from lightning_dl.parallel.comm.workspace import BucketWorkspace
 
-SHAPES = [torch.Size([37]), torch.Size([5, 7]), torch.Size([3]), torch.Size([16, 4])]  # sizes not multiples of 8
+# sizes not multiples of 8; 64 and 150 elements: whole 64-bit words of signs, and words with a tail
+SHAPES = [torch.Size([37]), torch.Size([5, 7]), torch.Size([3]), torch.Size([16, 4]), torch.Size([3, 50])]
 
 
 def _grads(rank: int, step: int) -> torch.Tensor:
@@ -31,16 +32,16 @@ def _sign(c: torch.Tensor) -> torch.Tensor:
     return torch.where(c >= 0, s, -s)
 
 
-def _exchange(compressor: str, world: int, steps: int = 3) -> None:
+def _exchange(compressor: str, world: int, fused: bool, steps: int = 3) -> list[torch.Tensor]:
     names = [f"p{i}" for i in range(len(SHAPES))]
-    workspaces = [BucketWorkspace(names, SHAPES, compressor, world=world) for _ in range(world)]
+    workspaces = [BucketWorkspace(names, SHAPES, compressor, world=world, fused=fused) for _ in range(world)]
+    encode, finish = hooks._CODECS[compressor, fused]
     residuals = [torch.zeros(sum(s.numel() for s in SHAPES)) for _ in range(world)]
     rule = _int8 if compressor == "int8" else _sign
+    means = []
     for step in range(steps):
         outs = [_grads(r, step) for r in range(world)]
         corrected = [g + e for g, e in zip(outs, residuals, strict=True)]
-        encode = hooks._int8_encode if compressor == "int8" else hooks._sign_encode
-        finish = hooks._int8_finish if compressor == "int8" else hooks._sign_finish
         for ws, out in zip(workspaces, outs, strict=True):
             encode(ws, out)
         for ws in workspaces:  # what all_gather leaves on every rank
@@ -64,13 +65,22 @@ def _exchange(compressor: str, world: int, steps: int = 3) -> None:
         torch.testing.assert_close(outs[0], mean)
         for out in outs[1:]:
             assert torch.equal(out, outs[0])  # every rank the same bits
+        means.append(outs[0])
+    return means
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("compressor", ["int8", "sign"])
+def test_exchange_equals_mean_of_rule(monkeypatch, compressor, world, fused) -> None:
+    monkeypatch.setattr(hooks, "CHUNK", 16)  # several chunks per tensor, boundaries inside tensors
+    _exchange(compressor, world, fused)
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("compressor", ["int8", "sign"])
-def test_exchange_equals_mean_of_rule(monkeypatch, compressor, world) -> None:
-    monkeypatch.setattr(hooks, "CHUNK", 16)  # several chunks per tensor, boundaries inside tensors
-    _exchange(compressor, world)
+def test_fused_int8_gives_the_bits_of_the_torch_path(world) -> None:
+    for fused, plain in zip(_exchange("int8", world, True), _exchange("int8", world, False), strict=True):
+        assert torch.equal(fused, plain)
 
 
 def test_pack_bits_numpy_and_multiply_follow_the_bit_rule() -> None:

@@ -1,0 +1,97 @@
+"""The fused CPU loops of ``kernels.py`` against the literal rules written with torch: the sign and int8 passes (bit
+for bit where the rule fixes the arithmetic), and PowerSGD's three passes for ranks below, at and above the groups of
+four columns the last pass works in, on shapes that are not multiples of anything."""
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_dl.parallel.comm import kernels
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _unpack(codes: torch.Tensor, n: int) -> torch.Tensor:
+    """Unit signs ±1 of the first ``n`` bits, bit ``k`` of byte ``j`` standing for element ``8j + k``."""
+    bits = [(int(b) >> k) & 1 for b in codes.tolist() for k in range(8)][:n]
+    return torch.tensor(bits, dtype=torch.float32) * 2 - 1
+
+
+@pytest.mark.parametrize("n", [1, 8, 37, 64, 150])
+def test_sign_encode_adds_packs_and_sums(n) -> None:
+    e, g = _randn(n, seed=0), _randn(n, seed=1)
+    g[::5] = -e[::5]  # exact zeros: bit set (sign(0) = +1)
+    c, packed = e.clone(), torch.full((-(-n // 8),), 255, dtype=torch.uint8)
+    total = kernels.sign_encode(c.numpy(), g.numpy(), packed.numpy())
+    assert torch.equal(c, e + g)
+    assert torch.equal(_unpack(packed, n), torch.where(e + g >= 0, 1.0, -1.0))
+    assert torch.all(_unpack(packed, 8 * packed.numel())[n:] == -1)  # padding bits zero
+    assert total == pytest.approx(float((e + g).abs().double().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("n", [5, 64, 150])
+def test_sign_finish_takes_own_message_off_and_averages(world, n) -> None:
+    codes = torch.randint(0, 256, (world, -(-n // 8)), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    scales = torch.rand(world, generator=torch.Generator().manual_seed(3)) + 0.1
+    signs = [_unpack(codes[r], n) for r in range(world)]
+    for me in range(world):
+        c, out = _randn(n, seed=4), torch.empty(n)
+        expected_c = c - scales[me] * signs[me]
+        kernels.sign_finish(c.numpy(), codes.numpy(), scales.numpy(), me, out.numpy(), kernels.SIGNS)
+        assert torch.equal(c, expected_c)
+        if world == 2:
+            expected = scales[1 - me] / 2 * signs[1 - me] + scales[me] / 2 * signs[me]
+        else:
+            expected = sum((scales[r] * signs[r] for r in range(1, world)), scales[0] * signs[0]) / world
+        assert torch.equal(out, expected)
+        if world == 2 and n % 64 == 0:  # the word-at-a-time form gives the same bits
+            words = codes.numpy().view(np.uint64)
+            c2, out2 = _randn(n, seed=4), torch.empty(n)
+            kernels.sign_finish_pair(
+                c2.numpy(), words[me], words[1 - me], scales[me].numpy(), scales[1 - me].numpy(), out2.numpy()
+            )
+            assert torch.equal(c2, expected_c) and torch.equal(out2, out)
+
+
+def test_int8_quantize_and_finish_follow_the_rule() -> None:
+    c = _randn(101, seed=5)
+    scale = c.abs().max() / 127
+    codes, residual = torch.empty(101, dtype=torch.int8), c.clone()
+    kernels.int8_quantize(residual.numpy(), np.float32(scale.item()), codes.numpy())
+    q = torch.round(c / scale)  # half to even, as torch.round
+    assert torch.equal(codes.float(), q)
+    assert torch.equal(residual, c - q * scale) and torch.equal(q * scale + residual, c)  # exact (Sterbenz)
+    zero = torch.zeros(3)
+    kernels.int8_quantize(zero.numpy(), np.float32(0.0), codes[:3].numpy())
+    assert codes[:3].tolist() == [0, 0, 0] and zero.tolist() == [0.0, 0.0, 0.0]
+    rows = torch.randint(-127, 128, (3, 50), dtype=torch.int8, generator=torch.Generator().manual_seed(6))
+    scales = torch.tensor([0.5, 0.25, 0.125])
+    out = torch.empty(50)
+    kernels.int8_finish(rows.numpy(), scales.numpy(), out.numpy())
+    assert torch.equal(
+        out, (rows[0].float() * scales[0] + rows[1].float() * scales[1] + rows[2].float() * scales[2]) / 3
+    )
+    kernels.int8_finish_pair(rows[0].numpy(), rows[1].numpy(), scales[0].numpy(), scales[1].numpy(), out.numpy())
+    assert torch.equal(out, (rows[0].float() * scales[0] + rows[1].float() * scales[1]) / 2)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 4, 5, 8])
+def test_powersgd_passes_equal_the_matrix_products(rank) -> None:
+    rows, cols = 13, 21
+    e, g = _randn(rows, cols, seed=7), _randn(rows, cols, seed=8)
+    q_t, p = _randn(rank, cols, seed=9), torch.empty(rows, rank)
+    m = e.clone()
+    kernels.add_project(m.numpy(), g.numpy(), q_t.numpy(), p.numpy())
+    assert torch.equal(m, e + g)
+    torch.testing.assert_close(p, (e + g) @ q_t.T)
+    q_local_t = torch.empty(rank, cols)
+    kernels.project_back(p.numpy(), m.numpy(), q_local_t.numpy())
+    torch.testing.assert_close(q_local_t, p.T @ m)
+    q_mean_t, out, row = _randn(rank, cols, seed=10), torch.empty(rows, cols), torch.empty(cols)
+    before = m.clone()
+    kernels.residual_and_result(m.numpy(), p.numpy(), q_local_t.numpy(), q_mean_t.numpy(), out.numpy(), row.numpy())
+    torch.testing.assert_close(m, before - p @ q_local_t)
+    torch.testing.assert_close(out, p @ q_mean_t)
