@@ -7,7 +7,8 @@ runs in the same two processes; ``--rounds`` rounds go over all of them in turn 
 the median round is reported, so that load from elsewhere hits every contender alike. Prints ratios (ours / DDP)
 and absolute figures; writes data_parallel.json and data_parallel.png.
 
-    python benchmarks/bench_data_parallel.py [--steps 16] [--rounds 3] [--only ddp_sign,ddp_powersgd] [--quick] [--out DIR]
+    python benchmarks/bench_data_parallel.py [--steps 16] [--rounds 3] [--only ddp_sign,ddp_powersgd]
+        [--torch-hooks] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -190,6 +191,10 @@ def _rank(rank: int, world: int, tmp: str, cfg: dict) -> None:
 
     import lightning_dl  # noqa: F401 - registers the strategy names
 
+    if cfg["torch_hooks"]:
+        import lightning_dl.parallel.comm.hooks as hooks
+
+        hooks.FUSED = False
     numel = sum(p.numel() for p in mlp(cfg["sizes"]).parameters())
     results: dict[str, dict[str, list[float]]] = {}
 
@@ -239,6 +244,11 @@ def main() -> None:
         default="",
         help="comma-separated strategy names to run (with 'ddp' and the torch rows); default: every contender",
     )
+    parser.add_argument(
+        "--torch-hooks",
+        action="store_true",
+        help="run the compressed hooks' torch path instead of the fused CPU loops (for comparison)",
+    )
     args = parser.parse_args()
     if args.steps < 2 or args.rounds < 1:
         parser.error(f"--steps must be >= 2 and --rounds >= 1, got {args.steps} and {args.rounds}")
@@ -256,6 +266,7 @@ def main() -> None:
         "steps": 4 if quick else args.steps,
         "rounds": 1 if quick else args.rounds,
         "contenders": contenders,
+        "torch_hooks": args.torch_hooks,
     }
     with tempfile.TemporaryDirectory(prefix="bench_data_parallel_") as tmp:
         mp.spawn(_rank, args=(2, tmp, cfg), nprocs=2, join=True)
