@@ -157,14 +157,14 @@ def main() -> None:
     )
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 3))
+    figure, axis = plt.subplots(figsize=(7, 3.4))
     labels = list(rows)
     y = np.arange(len(labels))
     axis.barh(y - 0.2, [rows[k]["torch_ms"] for k in labels], height=0.4, label="torch operations")
     axis.barh(y + 0.2, [rows[k]["fused_ms"] for k in labels], height=0.4, label="fused loops (numba)")
     axis.set(yticks=y, yticklabels=labels, xlabel="CPU ms per step and rank", title="compressed hooks' own work")
     axis.invert_yaxis()
-    axis.legend()
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
     figure.tight_layout()
     bench.save_figure(figure, "comm_hooks.png")
 

@@ -5,6 +5,7 @@ local-SGD hook that skips the all-reduce once local steps begin. Register with
 
 import zlib
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_dl.parallel.comm import kernels
 from lightning_dl.parallel.comm.compressors import (
     check_compressor,
     initial_q,
@@ -236,7 +236,7 @@ def _fused_int8_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
     for i in range(len(ws.names)):
         c = ws.view(ws.residual, i)
         ws.scales[i] = int8_scale(c)
-        kernels.int8_quantize(_np(c), np.float32(float(ws.scales[i])), _np(ws.codes(ws.message, i).view(torch.int8)))
+        _kernels().int8_quantize(_np(c), np.float32(float(ws.scales[i])), _np(ws.codes(ws.message, i).view(torch.int8)))
 
 
 def _fused_int8_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: int) -> None:
@@ -245,15 +245,15 @@ def _fused_int8_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: i
     for i in range(len(ws.names)):
         codes, mean = _np(ws.received_codes(i).view(torch.int8)), _np(ws.view(out, i))
         if world == 2:
-            kernels.int8_finish_pair(codes[0], codes[1], scales[i, 0], scales[i, 1], mean)
+            _kernels().int8_finish_pair(codes[0], codes[1], scales[i, 0], scales[i, 1], mean)
         else:
-            kernels.int8_finish(codes, scales[i], mean)
+            _kernels().int8_finish(codes, scales[i], mean)
 
 
 def _fused_sign_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
     """``_sign_encode`` in one fused pass per tensor (``c``, its packed signs and ``‖c‖₁``)."""
     for i, n in enumerate(ws.numels):
-        total = kernels.sign_encode(_np(ws.view(ws.residual, i)), _np(ws.view(out, i)), _np(ws.codes(ws.message, i)))
+        total = _kernels().sign_encode(_np(ws.view(ws.residual, i)), _np(ws.view(out, i)), _np(ws.codes(ws.message, i)))
         ws.scales[i] = total / n if n else 0.0
 
 
@@ -267,8 +267,8 @@ def _fused_sign_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: i
         if bulk:
             words = codes[:, : bulk // 8].view(np.uint64)
             s_me, s_other = scales[i, me], scales[i, 1 - me]
-            kernels.sign_finish_pair(c[:bulk], words[me], words[1 - me], s_me, s_other, mean[:bulk])
-        kernels.sign_finish(c[bulk:], codes[:, bulk // 8 :], scales[i], me, mean[bulk:], kernels.SIGNS)
+            _kernels().sign_finish_pair(c[:bulk], words[me], words[1 - me], s_me, s_other, mean[:bulk])
+        _kernels().sign_finish(c[bulk:], codes[:, bulk // 8 :], scales[i], me, mean[bulk:], _kernels().SIGNS)
 
 
 _CODECS = {  # (compressor, fused): (encode, finish)
@@ -277,6 +277,14 @@ _CODECS = {  # (compressor, fused): (encode, finish)
     ("int8", True): (_fused_int8_encode, _fused_int8_finish),
     ("sign", True): (_fused_sign_encode, _fused_sign_finish),
 }
+
+
+def _kernels() -> ModuleType:
+    """``kernels.py``, imported on first use: numba takes about 0.3 s to import, which a process without a compressed
+    CPU bucket need not pay."""
+    from lightning_dl.parallel.comm import kernels
+
+    return kernels
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
@@ -310,7 +318,7 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
             state.qs[name] = initial_q(ws.shapes[i], r, state.seed + zlib.crc32(name.encode())).to(m.device)
         p = ws.first[ws.p_offsets[i] : ws.p_offsets[i] + rows * r].view(rows, r)
         if ws.fused:
-            kernels.add_project(_np(m), _np(g), _np(state.qs[name].T.contiguous()), _np(p))
+            _kernels().add_project(_np(m), _np(g), _np(state.qs[name].T.contiguous()), _np(p))
         else:
             m.add_(g)  # M = g + e
             torch.mm(m, state.qs[name], out=p)
@@ -327,7 +335,7 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
         orthogonalize_(p_hat)
         q_t = ws.second[span].view(r, -1)
         if ws.fused:
-            kernels.project_back(_np(p_hat), _np(m), _np(q_t))  # this rank's Qᵀ = P̂ᵀM
+            _kernels().project_back(_np(p_hat), _np(m), _np(q_t))  # this rank's Qᵀ = P̂ᵀM
         else:
             torch.mm(p_hat.T, m, out=q_t)  # this rank's Qᵀ = P̂ᵀM (on CPU 3x faster than MᵀP̂ into Q)
             m.addmm_(p_hat, q_t, alpha=-1.0)  # residual e = M − P̂Qᵀ
@@ -341,7 +349,7 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
         state.qs[name].copy_(q_mean_t.T)
         if ws.fused:  # residual e = M − P̂Q_localᵀ and the result P̂Q̄ᵀ in one pass
             q_local_t = ws.q_local[span].view(r, -1)
-            kernels.residual_and_result(_np(m), _np(p_hat), _np(q_local_t), _np(q_mean_t), _np(grad), _np(ws.row))
+            _kernels().residual_and_result(_np(m), _np(p_hat), _np(q_local_t), _np(q_mean_t), _np(grad), _np(ws.row))
         else:
             torch.mm(p_hat, q_mean_t, out=grad)
     return _finished(bucket, out)
