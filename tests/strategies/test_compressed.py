@@ -1,6 +1,7 @@
 """``ddp_int8``, ``ddp_sign`` and ``ddp_powersgd`` on 2 gloo ranks: the int8 and sign runs equal a one-process
 transcription (each rank's gradient plus residual through the rule, the mean applied by SGD), every compressor
-resumes exactly from a checkpoint (residuals, PowerSGD's Q), and a model with sparse gradients is refused."""
+resumes exactly from a checkpoint (residuals, PowerSGD's Q), torch's own TransformerEncoderLayer trains with every rank in
+step, and a model with sparse gradients is refused."""
 
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ class SparseEmbedding(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=LR)
 
 
+class TorchEncoder(L.LightningModule):
+    """torch's own ``nn.TransformerEncoderLayer`` (a model this project did not write): 3-D activations, a fused
+    in-projection matrix, layer norms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        tokens = x.reshape(len(x), 2, 4).repeat(1, 1, 4)  # 8 features -> (batch, 2 tokens, 16 features)
+        return self.layer(tokens).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
 def _make(compressor: str) -> CompressedDDPStrategy:
     return CompressedDDPStrategy(compressor=compressor, rank=2)
 
@@ -53,6 +72,11 @@ def _run(rank: int, world_size: int, tmp: str) -> dict:
         fit(_make(compressor), epochs=1, save=path)
         out[f"{compressor}_resumed"] = fit(_make(compressor), epochs=2, ckpt_path=path)
         out[f"{compressor}_ckpt"] = torch.load(path, weights_only=False)["lightning_dl_comm"]
+    for compressor in COMPRESSORS:
+        module = TorchEncoder()
+        trainer = quiet_trainer(devices=world_size, strategy=_make(compressor), max_steps=3)
+        trainer.fit(module, DataLoader(_data(), batch_size=BATCH))
+        out[f"{compressor}_encoder"] = [p.detach().clone() for p in module.parameters()]
     trainer = quiet_trainer(devices=world_size, strategy=_make("int8"), max_steps=1)
     try:
         trainer.fit(SparseEmbedding(), DataLoader(_data(), batch_size=BATCH))
@@ -133,6 +157,17 @@ def test_powersgd_ranks_agree_and_learn() -> None:
         torch.testing.assert_close(g0, g1, rtol=0, atol=0)
     initial = list(tiny_net(seed=0).parameters())
     assert any(not torch.allclose(p, q) for p, q in zip(ranks[0]["powersgd"]["final"], initial, strict=True))
+
+
+@pytest.mark.parametrize("compressor", COMPRESSORS)
+def test_torch_transformer_layer_trains_with_every_rank_in_step(compressor) -> None:
+    ranks = runs()
+    initial = list(TorchEncoder().parameters())
+    final = [r[f"{compressor}_encoder"] for r in ranks]
+    for p0, p1 in zip(*final, strict=True):
+        torch.testing.assert_close(p0, p1, rtol=0, atol=0)  # every rank applied the same averaged gradient
+    assert all(torch.isfinite(p).all() for p in final[0])
+    assert any(not torch.allclose(p, q) for p, q in zip(final[0], initial, strict=True))
 
 
 def test_sparse_gradients_are_refused() -> None:
