@@ -1,7 +1,7 @@
 """``ddp_int8``, ``ddp_sign`` and ``ddp_powersgd`` on 2 gloo ranks: the int8 and sign runs equal a one-process
 transcription (each rank's gradient plus residual through the rule, the mean applied by SGD), every compressor
-resumes exactly from a checkpoint (residuals, PowerSGD's Q), torch's own TransformerEncoderLayer trains with every rank in
-step, and a model with sparse gradients is refused."""
+resumes exactly from a checkpoint (residuals, PowerSGD's Q), torch's own TransformerEncoderLayer trains with every
+rank in step, and a model with sparse gradients is refused."""
 
 from __future__ import annotations
 
