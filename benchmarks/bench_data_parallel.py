@@ -42,6 +42,7 @@ CONTENDERS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("ddp_powersgd r=4", "ddp_powersgd", {"rank": 4}),
     ("ddp_int8", "ddp_int8", {}),
     ("ddp_sign", "ddp_sign", {}),
+    ("ddp_sign, DDP's buckets", "ddp_sign", {"bucket_cap_mb": None}),  # a first bucket of 1 MB, then 25 MiB
     ("deepspeed_zero1", "deepspeed_zero1", {}),
     ("deepspeed_zero2", "deepspeed_zero2", {}),
 )

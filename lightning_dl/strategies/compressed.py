@@ -23,7 +23,12 @@ class CompressedDDPStrategy(CommDDPStrategy):
         timeout: collective timeout (seconds or ``timedelta``).
         **ddp_kwargs: passed to ``DDPStrategy``. ``gradient_as_bucket_view`` defaults to True here: the hook writes
             the averaged gradient into DDP's bucket buffer, and the parameters' gradients are views of it (DDP does
-            not copy the buffer back into separate gradient tensors after every step).
+            not copy the buffer back into separate gradient tensors after every step). ``bucket_cap_mb`` defaults
+            to 25: buckets of 25 MiB, the first one too. DDP's own default caps the first bucket at 1 MB so that
+            communication starts early in the backward; for a compressor that first bucket is a rendezvous and a
+            round of encoding and decoding of its own, for a few percent of the gradient (measured on 2 CPU ranks,
+            bench_data_parallel: 79.6 against 66.6 ms per step for ``ddp_sign``, 94.9 against 76.7 for
+            ``ddp_powersgd``). ``bucket_cap_mb=None`` restores DDP's default.
 
     Example::
 
@@ -33,7 +38,7 @@ class CompressedDDPStrategy(CommDDPStrategy):
 
     def __init__(self, *, compressor: str = "int8", rank: int = 4, start_iter: int = 0, **ddp_kwargs: Any) -> None:
         check_compressor(compressor, rank, start_iter)
-        super().__init__(**({"gradient_as_bucket_view": True} | ddp_kwargs))
+        super().__init__(**({"gradient_as_bucket_view": True, "bucket_cap_mb": 25} | ddp_kwargs))
         self.compressor, self.rank, self.start_iter = compressor, rank, start_iter
         self.strategy_name = f"ddp_{compressor}"
         self._state: CompressionState | None = None

@@ -197,3 +197,9 @@ def test_registered_names() -> None:
         strategy = StrategyRegistry.get(name)
         assert isinstance(strategy, CompressedDDPStrategy) and strategy.strategy_name == name
     assert StrategyRegistry.get("ddp_powersgd").rank == 4
+
+
+def test_buckets_of_25_mib_from_the_first_unless_asked_otherwise() -> None:
+    assert CompressedDDPStrategy(compressor="sign")._ddp_kwargs["bucket_cap_mb"] == 25
+    assert CompressedDDPStrategy(compressor="sign", bucket_cap_mb=None)._ddp_kwargs["bucket_cap_mb"] is None
+    assert CompressedDDPStrategy(compressor="int8", bucket_cap_mb=4)._ddp_kwargs["bucket_cap_mb"] == 4
