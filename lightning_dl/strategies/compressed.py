@@ -7,7 +7,13 @@ from typing import Any
 
 from typing_extensions import override
 
-from lightning_dl.parallel.comm import CompressionState, check_compressor, check_dense_gradients, hook_for
+from lightning_dl.parallel.comm import (
+    CompressionState,
+    check_compressor,
+    check_dense_gradients,
+    compile_fused,
+    hook_for,
+)
 from lightning_dl.strategies._comm import CommDDPStrategy
 
 
@@ -52,6 +58,8 @@ class CompressedDDPStrategy(CommDDPStrategy):
     def configure_ddp(self) -> None:
         check_dense_gradients(self._module, f"strategy={self.strategy_name!r}")
         self._state = CompressionState(self._module, self.compressor, rank=self.rank, start_iter=self.start_iter)
+        if self.root_device.type == "cpu":  # compiled now, not in the first training step
+            compile_fused(self.compressor, self.world_size)
         super().configure_ddp()
 
     @override

@@ -4,7 +4,7 @@ DDP communication hooks, parameter averaging, DiLoCo's outer step, and naming a 
 from lightning_dl.parallel.comm.averaging import average_, check_outer, check_sync, outer_step_
 from lightning_dl.parallel.comm.compressors import COMPRESSORS, check_compressor, check_dense_gradients
 from lightning_dl.parallel.comm.faults import dead_ranks_message, missing_ranks
-from lightning_dl.parallel.comm.hooks import CompressionState, LocalState, hook_for, local_hook
+from lightning_dl.parallel.comm.hooks import CompressionState, LocalState, compile_fused, hook_for, local_hook
 
 __all__ = [
     "COMPRESSORS",
@@ -15,6 +15,7 @@ __all__ = [
     "check_dense_gradients",
     "check_outer",
     "check_sync",
+    "compile_fused",
     "dead_ranks_message",
     "hook_for",
     "local_hook",

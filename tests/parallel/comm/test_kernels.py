@@ -95,3 +95,19 @@ def test_powersgd_passes_equal_the_matrix_products(rank) -> None:
     kernels.residual_and_result(m.numpy(), p.numpy(), q_local_t.numpy(), q_mean_t.numpy(), out.numpy(), row.numpy())
     torch.testing.assert_close(m, before - p @ q_local_t)
     torch.testing.assert_close(out, p @ q_mean_t)
+
+
+def test_compile_fused_covers_every_loop_the_exchange_calls() -> None:
+    from lightning_dl.parallel.comm import compile_fused
+    from tests.parallel.comm.test_workspace import _exchange
+
+    for world in (2, 3):
+        for compressor in ("int8", "sign", "powersgd"):
+            compile_fused(compressor, world)
+    loops = {name: fn for name, fn in vars(kernels).items() if hasattr(fn, "signatures") and not name.startswith("_")}
+    before = {name: set(fn.signatures) for name, fn in loops.items()}
+    assert all(before.values())  # every loop has been compiled for something
+    for world in (2, 3):
+        for compressor in ("int8", "sign"):
+            _exchange(compressor, world, fused=True, steps=1)  # tensors at aligned and unaligned offsets
+    assert {name: set(fn.signatures) for name, fn in loops.items()} == before  # nothing new compiled
