@@ -398,6 +398,8 @@ def compile_fused(compressor: str, world: int) -> None:
         >>> compile_fused("sign", 2)
     """
     check_compressor(compressor, 4, 0)
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"`world` (the number of ranks) must be an integer >= 1, got {world!r}.")
     if not FUSED:
         return
     shapes = [torch.Size([70]), torch.Size([8, 70])]  # codes of 9 bytes: the second tensor's start unaligned

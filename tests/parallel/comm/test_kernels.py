@@ -111,3 +111,11 @@ def test_compile_fused_covers_every_loop_the_exchange_calls() -> None:
         for compressor in ("int8", "sign"):
             _exchange(compressor, world, fused=True, steps=1)  # tensors at aligned and unaligned offsets
     assert {name: set(fn.signatures) for name, fn in loops.items()} == before  # nothing new compiled
+
+
+@pytest.mark.parametrize(("compressor", "world", "match"), [("fp8", 2, "`compressor`"), ("sign", 0, "`world`")])
+def test_compile_fused_names_a_bad_argument(compressor, world, match) -> None:
+    from lightning_dl.parallel.comm import compile_fused
+
+    with pytest.raises(ValueError, match=match):
+        compile_fused(compressor, world)
