@@ -83,7 +83,6 @@ def powersgd(fused: bool, shapes: list[torch.Size], rank: int) -> Callable[[], N
                 "q_t": torch.empty(rank, cols),
                 "q_mean_t": torch.randn(rank, cols, generator=gen),
                 "out": torch.empty(rows, cols),
-                "row": torch.empty(cols),
             }
         )
 
@@ -94,7 +93,7 @@ def powersgd(fused: bool, shapes: list[torch.Size], rank: int) -> Callable[[], N
                 kernels.add_project(n["e"], n["g"], t["q"].T.contiguous().numpy(), n["p"])
                 orthogonalize_(t["p"])
                 kernels.project_back(n["p"], n["e"], n["q_t"])
-                kernels.residual_and_result(n["e"], n["p"], n["q_t"], n["q_mean_t"], n["out"], n["row"])
+                kernels.residual_and_result(n["e"], n["p"], n["q_t"], n["q_mean_t"], n["out"])
             else:
                 t["e"].add_(t["g"])
                 torch.mm(t["e"], t["q"], out=t["p"])

@@ -349,7 +349,7 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
         state.qs[name].copy_(q_mean_t.T)
         if ws.fused:  # residual e = M − P̂Q_localᵀ and the result P̂Q̄ᵀ in one pass
             q_local_t = ws.q_local[span].view(r, -1)
-            _kernels().residual_and_result(_np(m), _np(p_hat), _np(q_local_t), _np(q_mean_t), _np(grad), _np(ws.row))
+            _kernels().residual_and_result(_np(m), _np(p_hat), _np(q_local_t), _np(q_mean_t), _np(grad))
         else:
             torch.mm(p_hat, q_mean_t, out=grad)
     return _finished(bucket, out)
@@ -417,4 +417,4 @@ def compile_fused(compressor: str, world: int) -> None:
     p, q_t = ws.first[: rows * 4].view(rows, 4), ws.second[: cols * 4].view(4, cols)
     kernels.add_project(_np(m), _np(g), _np(torch.ones(cols, 4).T.contiguous()), _np(p))
     kernels.project_back(_np(p), _np(m), _np(q_t))
-    kernels.residual_and_result(_np(m), _np(p), _np(q_t), _np(q_t), _np(g), _np(ws.row))
+    kernels.residual_and_result(_np(m), _np(p), _np(q_t), _np(q_t), _np(g))

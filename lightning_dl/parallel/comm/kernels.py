@@ -140,59 +140,98 @@ def int8_finish(codes, scales, out):
         out[j] = acc / divisor
 
 
+@_jit(inline="always")
+def _columns(a, rank):
+    """The ``Qᵀ`` rows of rank columns ``a .. a + 3``; past ``rank`` (the last group of a rank that is no multiple of
+    four) row ``a`` again, which ``_weights`` gives a zero weight."""
+    n = min(4, rank - a)
+    return a, (a + 1 if n > 1 else a), (a + 2 if n > 2 else a), (a + 3 if n > 3 else a)
+
+
+@_jit(inline="always")
+def _weights(p, i, a, rank):
+    """``p[i, a .. a + 3]``, zero past ``rank``: a zero weight adds exact zeros."""
+    n = min(4, rank - a)
+    zero = np.float32(0)
+    return p[i, a], (p[i, a + 1] if n > 1 else zero), (p[i, a + 2] if n > 2 else zero), (p[i, a + 3] if n > 3 else zero)
+
+
 @_jit(fastmath=_SUMS)
 def add_project(m, g, q_t, p):
-    """PowerSGD's first pass, row by row: ``M += g`` and ``P = M·Q`` (``q_t`` is ``Qᵀ``, ``rank × cols``)."""
+    """PowerSGD's first pass, row by row: ``M += g`` and ``P = M·Q`` (``q_t`` is ``Qᵀ``, ``rank × cols``); four
+    rank columns per pass over the row (four sums at once), the addition in the first."""
     rows, cols = m.shape
+    rank = q_t.shape[0]
     for i in range(rows):
-        for j in range(cols):
-            m[i, j] += g[i, j]
-        for a in range(q_t.shape[0]):
-            s = np.float32(0)
-            for j in range(cols):
-                s += m[i, j] * q_t[a, j]
-            p[i, a] = s
+        for a in range(0, rank, 4):
+            b0, b1, b2, b3 = _columns(a, rank)
+            s0, s1, s2, s3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+            if a == 0:
+                for j in range(cols):
+                    v = m[i, j] + g[i, j]
+                    m[i, j] = v
+                    s0 += v * q_t[b0, j]
+                    s1 += v * q_t[b1, j]
+                    s2 += v * q_t[b2, j]
+                    s3 += v * q_t[b3, j]
+            else:
+                for j in range(cols):
+                    v = m[i, j]
+                    s0 += v * q_t[b0, j]
+                    s1 += v * q_t[b1, j]
+                    s2 += v * q_t[b2, j]
+                    s3 += v * q_t[b3, j]
+            for k, s in enumerate((s0, s1, s2, s3)):
+                if a + k < rank:
+                    p[i, a + k] = s
 
 
 @_jit(fastmath=_SUMS)
 def project_back(p, m, q_t):
-    """``Qᵀ = P̂ᵀ·M`` into ``q_t`` (``rank × cols``), reading ``M`` once, row by row."""
+    """``Qᵀ = P̂ᵀ·M`` into ``q_t`` (``rank × cols``), reading ``M`` once, four rows at a time (a quarter of the loads
+    and stores of ``q_t`` that one row at a time takes)."""
+    rows, cols = m.shape
+    rank = p.shape[1]
     q_t[:] = 0
-    for i in range(m.shape[0]):
-        for a in range(p.shape[1]):
+    whole = rows // 4 * 4
+    for i in range(0, whole, 4):
+        for a in range(rank):
+            p0, p1, p2, p3 = p[i, a], p[i + 1, a], p[i + 2, a], p[i + 3, a]
+            for j in range(cols):
+                q_t[a, j] += p0 * m[i, j] + p1 * m[i + 1, j] + p2 * m[i + 2, j] + p3 * m[i + 3, j]
+    for i in range(whole, rows):
+        for a in range(rank):
             pa = p[i, a]
-            for j in range(m.shape[1]):
+            for j in range(cols):
                 q_t[a, j] += pa * m[i, j]
 
 
+@_jit(inline="always")
+def _mix(q_t, j, rows, weights):
+    """``Σₖ weights[k]·q_t[rows[k], j]`` over a group of four."""
+    return (
+        weights[0] * q_t[rows[0], j]
+        + weights[1] * q_t[rows[1], j]
+        + weights[2] * q_t[rows[2], j]
+        + weights[3] * q_t[rows[3], j]
+    )
+
+
 @_jit(fastmath=_SUMS)
-def residual_and_result(m, p, q_local_t, q_mean_t, out, row):
-    """PowerSGD's last pass, row by row: ``M ← M − P̂·Q_localᵀ`` (the residual; the product first, then one
-    subtraction) and ``out = P̂·Q̄ᵀ`` (the averaged gradient); ``row``: float32 scratch of ``cols`` elements. The rank
-    goes four columns at a time (one pass over the row per four: 1.6x faster than one column at a time)."""
+def residual_and_result(m, p, q_local_t, q_mean_t, out):
+    """PowerSGD's last pass, row by row: ``M ← M − P̂·Q_localᵀ`` (the residual) and ``out = P̂·Q̄ᵀ`` (the averaged
+    gradient), four rank columns per pass over the row: one pass for a rank up to four (each group's product is
+    subtracted whole, so for a larger rank ``M − s₁ − s₂`` rather than ``M − (s₁ + s₂)``)."""
     rows, cols = m.shape
     rank = p.shape[1]
-    whole = rank // 4 * 4
     for i in range(rows):
-        for j in range(cols):
-            row[j] = 0
-            out[i, j] = 0
-        for a in range(0, whole, 4):
-            p0, p1, p2, p3 = p[i, a], p[i, a + 1], p[i, a + 2], p[i, a + 3]
-            for j in range(cols):
-                row[j] += (
-                    p0 * q_local_t[a, j]
-                    + p1 * q_local_t[a + 1, j]
-                    + p2 * q_local_t[a + 2, j]
-                    + (p3 * q_local_t[a + 3, j])
-                )
-                out[i, j] += (
-                    p0 * q_mean_t[a, j] + p1 * q_mean_t[a + 1, j] + p2 * q_mean_t[a + 2, j] + (p3 * q_mean_t[a + 3, j])
-                )
-        for a in range(whole, rank):
-            pa = p[i, a]
-            for j in range(cols):
-                row[j] += pa * q_local_t[a, j]
-                out[i, j] += pa * q_mean_t[a, j]
-        for j in range(cols):
-            m[i, j] -= row[j]
+        for a in range(0, rank, 4):
+            weights, group = _weights(p, i, a, rank), _columns(a, rank)
+            if a == 0:
+                for j in range(cols):
+                    m[i, j] -= _mix(q_local_t, j, group, weights)
+                    out[i, j] = _mix(q_mean_t, j, group, weights)
+            else:
+                for j in range(cols):
+                    m[i, j] -= _mix(q_local_t, j, group, weights)
+                    out[i, j] += _mix(q_mean_t, j, group, weights)

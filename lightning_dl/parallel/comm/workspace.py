@@ -64,10 +64,8 @@ class BucketWorkspace:
             self.q_offsets = _starts(q_sizes)
             self.first = torch.empty(sum(p_sizes) + sum(plain), device=device)
             self.second = torch.empty(sum(q_sizes), device=device)
-            if fused:  # this rank's Qᵀ, kept while the second all-reduce averages it; one row of scratch
+            if fused:  # this rank's Qᵀ, kept while the second all-reduce averages it
                 self.q_local = torch.empty_like(self.second)
-                cols = [n // s[0] for n, s, c in zip(self.numels, shapes, self.compressed, strict=True) if c]
-                self.row = torch.empty(max(cols, default=0), device=device)
             return
         self.compressed = [True] * len(shapes)
         code_sizes = self.numels if compressor == "int8" else [-(-n // 8) for n in self.numels]
