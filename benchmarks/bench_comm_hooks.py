@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from _common import Bench, bench_parser
 
-import lightning_dl.parallel.comm.hooks as hooks
-from lightning_dl.parallel.comm import kernels
+from lightning_dl.parallel.comm import codecs, kernels
 from lightning_dl.parallel.comm.compressors import orthogonalize_
 from lightning_dl.parallel.comm.workspace import BucketWorkspace
 
@@ -49,7 +48,7 @@ def quantized(compressor: str, fused: bool, shapes: list[torch.Size]) -> tuple[C
     names = [f"p{i}" for i in range(len(shapes))]
     numel = sum(s.numel() for s in shapes)
     workspaces = [BucketWorkspace(names, shapes, compressor, world=2, fused=fused) for _ in range(2)]
-    encode, finish = hooks._CODECS[compressor, fused]
+    encode, finish = codecs.CODECS[compressor, fused]
     grads = [torch.randn(numel, generator=torch.Generator().manual_seed(r)) for r in range(2)]
     outs = [g.clone() for g in grads]
 

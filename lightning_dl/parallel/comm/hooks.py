@@ -5,26 +5,15 @@ local-SGD hook that skips the all-reduce once local steps begin. Register with
 
 import zlib
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_dl.parallel.comm.compressors import (
-    check_compressor,
-    initial_q,
-    int8_decode_,
-    int8_quantize_,
-    int8_scale,
-    orthogonalize_,
-    pack_bits_,
-    sign_bits_,
-    sign_decode_,
-)
-from lightning_dl.parallel.comm.workspace import CHUNK, BucketWorkspace
+from lightning_dl.parallel.comm.codecs import CODECS, as_numpy, loops
+from lightning_dl.parallel.comm.compressors import check_compressor, initial_q, orthogonalize_
+from lightning_dl.parallel.comm.workspace import BucketWorkspace
 
 # no `from __future__ import annotations`: DDP checks the hooks' annotations at runtime
 Future = torch.futures.Future[torch.Tensor]
@@ -140,7 +129,7 @@ def quantized_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
         return _allreduce_mean(state, bucket)
     ws = _workspace(state, bucket)
     out = _float_buffer(bucket)
-    encode, finish = _CODECS[state.compressor, ws.fused]
+    encode, finish = CODECS[state.compressor, ws.fused]
     encode(ws, out)
     state.bytes_sent += ws.message.numel()
     world, me = state.world_size(), dist.get_rank(state.process_group)
@@ -153,143 +142,6 @@ def quantized_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
         return bucket.buffer()
 
     return work.get_future().then(decode)
-
-
-def _int8_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
-    """``c = g + e`` in the residual buffer, this rank's codes and scales into the message, its decoded message
-    ``q·s`` over the gradient in ``out`` (no longer needed), then ``e ← c − q·s`` (exact: Sterbenz)."""
-    ws.residual.add_(out)
-    for i in range(len(ws.names)):
-        c = ws.view(ws.residual, i)
-        ws.scales[i] = int8_scale(c)
-        int8_quantize_(c, ws.scales[i], ws.codes(ws.message, i), ws.view(out, i))
-    ws.residual.sub_(out)
-
-
-def _int8_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: int) -> None:
-    """The mean of the ranks' decoded messages into ``out`` (which holds this rank's own ``q·s``)."""
-    heads = [r[: 4 * len(ws.names)].view(torch.float32) for r in ws.received]
-    for i in range(len(ws.names)):
-        target, scratch = ws.view(out, i), ws.view(ws.scratch, i)
-        if world == 2:
-            target.add_(int8_decode_(ws.codes(ws.received[1 - me], i), heads[1 - me][i], scratch))
-            continue
-        for r in range(world):
-            int8_decode_(ws.codes(ws.received[r], i), heads[r][i], target if r == 0 else scratch)
-            if r:
-                target.add_(scratch)
-    out.div_(world)
-
-
-def _units(bits: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """The unit signs σ = 2·bit − 1 (exactly ±1) of 0/1 ``bits``, in ``buffer``."""
-    units = buffer[: bits.numel()]
-    units.copy_(bits.view(torch.uint8))
-    return units.mul_(2.0).sub_(1.0)
-
-
-def _sign_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
-    """``c = g + e`` in the residual buffer, the signs ``c >= 0`` packed into the message and ``s = c·σ / n``
-    (= ‖c‖₁ / n) into its scales, in chunks that stay in cache while ``c`` is read once."""
-    for i, n in enumerate(ws.numels):
-        c_all, g_all, bits_all, total = ws.view(ws.residual, i), ws.view(out, i), ws.sign_bits(i), 0.0
-        for lo in range(0, n, CHUNK):
-            c, bits = c_all[lo : lo + CHUNK], bits_all[lo : lo + CHUNK]
-            c.add_(g_all[lo : lo + CHUNK])
-            sign_bits_(c, bits)
-            total += float(torch.dot(c, _units(bits, ws.units)))
-        ws.scales[i] = total / n if n else 0.0
-    pack_bits_(ws.bits, ws.words, ws.message[ws.code_offsets[0] :])
-
-
-def _sign_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: int) -> None:
-    """Per chunk: ``e ← c − s·σ`` (exact: ``s·σ`` is ``±s``), and the mean of the ranks' ``s_r·σ_r`` into ``out``;
-    with two ranks ``(s_o/2)·σ_o + (s/2)·σ`` (halving is exact), in one pass over ``out``."""
-    heads = [r[: 4 * len(ws.names)].view(torch.float32) for r in ws.received]
-    for i, n in enumerate(ws.numels):
-        c_all, bits_all, out_all, s = ws.view(ws.residual, i), ws.sign_bits(i), ws.view(out, i), float(ws.scales[i])
-        for lo in range(0, n, CHUNK):
-            hi = min(n, lo + CHUNK)
-            units, decoded, codes = (
-                _units(bits_all[lo:hi], ws.units),
-                ws.decoded[: hi - lo],
-                slice(lo // 8, -(-hi // 8)),
-            )
-            c_all[lo:hi].sub_(units, alpha=s)
-            if world == 2:
-                sign_decode_(ws.codes(ws.received[1 - me], i)[codes], heads[1 - me][i] / 2, decoded, ws.index)
-                torch.add(decoded, units, alpha=s / 2, out=out_all[lo:hi])
-                continue
-            for r in range(world):
-                term = out_all[lo:hi] if r == 0 else decoded
-                sign_decode_(ws.codes(ws.received[r], i)[codes], heads[r][i], term, ws.index)
-                if r:
-                    out_all[lo:hi].add_(term)
-    if world != 2:
-        out.div_(world)
-
-
-def _fused_int8_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
-    """``_int8_encode`` with the codes and ``e`` in one fused pass per tensor; ``out`` is left to
-    ``_fused_int8_finish``."""
-    ws.residual.add_(out)
-    for i in range(len(ws.names)):
-        c = ws.view(ws.residual, i)
-        ws.scales[i] = int8_scale(c)
-        _kernels().int8_quantize(_np(c), np.float32(float(ws.scales[i])), _np(ws.codes(ws.message, i).view(torch.int8)))
-
-
-def _fused_int8_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: int) -> None:
-    """The mean of every rank's ``q·s`` (this rank's own from its message too) into ``out``: one pass."""
-    scales = _np(ws.received_scales())
-    for i in range(len(ws.names)):
-        codes, mean = _np(ws.received_codes(i).view(torch.int8)), _np(ws.view(out, i))
-        if world == 2:
-            _kernels().int8_finish_pair(codes[0], codes[1], scales[i, 0], scales[i, 1], mean)
-        else:
-            _kernels().int8_finish(codes, scales[i], mean)
-
-
-def _fused_sign_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
-    """``_sign_encode`` in one fused pass per tensor (``c``, its packed signs and ``‖c‖₁``)."""
-    for i, n in enumerate(ws.numels):
-        total = _kernels().sign_encode(_np(ws.view(ws.residual, i)), _np(ws.view(out, i)), _np(ws.codes(ws.message, i)))
-        ws.scales[i] = total / n if n else 0.0
-
-
-def _fused_sign_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: int) -> None:
-    """``_sign_finish`` in one fused pass per tensor (``e`` and the mean): with two ranks, whole 64-bit words of
-    signs at a time, then the last ``n mod 64`` elements."""
-    scales = _np(ws.received_scales())
-    for i, n in enumerate(ws.numels):
-        c, codes, mean = _np(ws.view(ws.residual, i)), _np(ws.received_codes(i)), _np(ws.view(out, i))
-        bulk = n // 64 * 64 if world == 2 else 0
-        if bulk:
-            words = codes[:, : bulk // 8].view(np.uint64)
-            s_me, s_other = scales[i, me], scales[i, 1 - me]
-            _kernels().sign_finish_pair(c[:bulk], words[me], words[1 - me], s_me, s_other, mean[:bulk])
-        _kernels().sign_finish(c[bulk:], codes[:, bulk // 8 :], scales[i], me, mean[bulk:], _kernels().SIGNS)
-
-
-_CODECS = {  # (compressor, fused): (encode, finish)
-    ("int8", False): (_int8_encode, _int8_finish),
-    ("sign", False): (_sign_encode, _sign_finish),
-    ("int8", True): (_fused_int8_encode, _fused_int8_finish),
-    ("sign", True): (_fused_sign_encode, _fused_sign_finish),
-}
-
-
-def _kernels() -> ModuleType:
-    """``kernels.py``, imported on first use: numba takes about 0.3 s to import, which a process without a compressed
-    CPU bucket need not pay."""
-    from lightning_dl.parallel.comm import kernels
-
-    return kernels
-
-
-def _np(tensor: torch.Tensor) -> np.ndarray:
-    """The NumPy view of a CPU tensor (shared memory), for the fused loops."""
-    return tensor.detach().numpy()
 
 
 def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
@@ -318,7 +170,7 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
             state.qs[name] = initial_q(ws.shapes[i], r, state.seed + zlib.crc32(name.encode())).to(m.device)
         p = ws.first[ws.p_offsets[i] : ws.p_offsets[i] + rows * r].view(rows, r)
         if ws.fused:
-            _kernels().add_project(_np(m), _np(g), _np(state.qs[name].T.contiguous()), _np(p))
+            loops().add_project(as_numpy(m), as_numpy(g), as_numpy(state.qs[name].T.contiguous()), as_numpy(p))
         else:
             m.add_(g)  # M = g + e
             torch.mm(m, state.qs[name], out=p)
@@ -335,7 +187,7 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
         orthogonalize_(p_hat)
         q_t = ws.second[span].view(r, -1)
         if ws.fused:
-            _kernels().project_back(_np(p_hat), _np(m), _np(q_t))  # this rank's Qᵀ = P̂ᵀM
+            loops().project_back(as_numpy(p_hat), as_numpy(m), as_numpy(q_t))  # this rank's Qᵀ = P̂ᵀM
         else:
             torch.mm(p_hat.T, m, out=q_t)  # this rank's Qᵀ = P̂ᵀM (on CPU 3x faster than MᵀP̂ into Q)
             m.addmm_(p_hat, q_t, alpha=-1.0)  # residual e = M − P̂Qᵀ
@@ -349,7 +201,9 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
         state.qs[name].copy_(q_mean_t.T)
         if ws.fused:  # residual e = M − P̂Q_localᵀ and the result P̂Q̄ᵀ in one pass
             q_local_t = ws.q_local[span].view(r, -1)
-            _kernels().residual_and_result(_np(m), _np(p_hat), _np(q_local_t), _np(q_mean_t), _np(grad))
+            loops().residual_and_result(
+                as_numpy(m), as_numpy(p_hat), as_numpy(q_local_t), as_numpy(q_mean_t), as_numpy(grad)
+            )
         else:
             torch.mm(p_hat, q_mean_t, out=grad)
     return _finished(bucket, out)
@@ -406,15 +260,15 @@ def compile_fused(compressor: str, world: int) -> None:
     ws = BucketWorkspace(["a", "b"], shapes, compressor, world=world, rank=4, fused=True)
     out = torch.ones(sum(s.numel() for s in shapes))
     if compressor != "powersgd":
-        encode, finish = _CODECS[compressor, True]
+        encode, finish = CODECS[compressor, True]
         encode(ws, out)
         for received in ws.received:
             received.copy_(ws.message)
         finish(ws, out, world, 0)
         return
-    kernels, rows, cols = _kernels(), 8, 70
+    kernels, rows, cols = loops(), 8, 70
     m, g = ws.residual_views[1].view(rows, cols), out[70:].view(rows, cols)
     p, q_t = ws.first[: rows * 4].view(rows, 4), ws.second[: cols * 4].view(4, cols)
-    kernels.add_project(_np(m), _np(g), _np(torch.ones(cols, 4).T.contiguous()), _np(p))
-    kernels.project_back(_np(p), _np(m), _np(q_t))
-    kernels.residual_and_result(_np(m), _np(p), _np(q_t), _np(q_t), _np(g))
+    kernels.add_project(as_numpy(m), as_numpy(g), as_numpy(torch.ones(cols, 4).T.contiguous()), as_numpy(p))
+    kernels.project_back(as_numpy(p), as_numpy(m), as_numpy(q_t))
+    kernels.residual_and_result(as_numpy(m), as_numpy(p), as_numpy(q_t), as_numpy(q_t), as_numpy(g))

@@ -1,6 +1,6 @@
 """Fused CPU loops for the compressed hooks, compiled by numba: each rule in one or two passes over the gradient where
 torch's CPU operations take one pass per operation (about ten per element for the sign rule). Same rules and, for
-``int8`` and ``sign``, the same float32 arithmetic as the torch path of ``hooks.py``, which devices other than the CPU
+``int8`` and ``sign``, the same float32 arithmetic as the torch path of ``codecs.py``, which devices other than the CPU
 run; ``tests/parallel/comm/test_kernels.py`` checks each loop against its rule, ``test_workspace.py`` both paths.
 
 Every function takes NumPy views of CPU tensors (``tensor.numpy()`` shares memory) and writes in place. Compiled once

@@ -7,7 +7,7 @@ checkpoint."""
 import pytest
 import torch
 
-import lightning_dl.parallel.comm.hooks as hooks
+from lightning_dl.parallel.comm import codecs
 from lightning_dl.parallel.comm.compressors import pack_bits_, pack_bits_multiply_, sign_decode_
 from lightning_dl.parallel.comm.workspace import BucketWorkspace
 
@@ -35,7 +35,7 @@ def _sign(c: torch.Tensor) -> torch.Tensor:
 def _exchange(compressor: str, world: int, fused: bool, steps: int = 3) -> list[torch.Tensor]:
     names = [f"p{i}" for i in range(len(SHAPES))]
     workspaces = [BucketWorkspace(names, SHAPES, compressor, world=world, fused=fused) for _ in range(world)]
-    encode, finish = hooks._CODECS[compressor, fused]
+    encode, finish = codecs.CODECS[compressor, fused]
     residuals = [torch.zeros(sum(s.numel() for s in SHAPES)) for _ in range(world)]
     rule = _int8 if compressor == "int8" else _sign
     means = []
@@ -73,7 +73,7 @@ def _exchange(compressor: str, world: int, fused: bool, steps: int = 3) -> list[
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("compressor", ["int8", "sign"])
 def test_exchange_equals_mean_of_rule(monkeypatch, compressor, world, fused) -> None:
-    monkeypatch.setattr(hooks, "CHUNK", 16)  # several chunks per tensor, boundaries inside tensors
+    monkeypatch.setattr(codecs, "CHUNK", 16)  # several chunks per tensor, boundaries inside tensors
     _exchange(compressor, world, fused)
 
 
