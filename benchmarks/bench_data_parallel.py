@@ -7,7 +7,7 @@ runs in the same two processes; ``--rounds`` rounds go over all of them in turn 
 the median round is reported, so that load from elsewhere hits every contender alike. Prints ratios (ours / DDP)
 and absolute figures; writes data_parallel.json and data_parallel.png.
 
-    python benchmarks/bench_data_parallel.py [--steps 16] [--rounds 3] [--only ddp_sign,ddp_powersgd]
+    python benchmarks/bench_data_parallel.py [--steps 32] [--rounds 5] [--only ddp_sign,ddp_powersgd]
         [--torch-hooks] [--quick] [--out DIR]
 """
 
@@ -238,8 +238,8 @@ def _rank(rank: int, world: int, tmp: str, cfg: dict) -> None:
 
 def main() -> None:
     parser = bench_parser(__doc__)
-    parser.add_argument("--steps", type=int, default=16, help="timed steps per contender and round (after warm-up)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all contenders; the median is reported")
+    parser.add_argument("--steps", type=int, default=32, help="timed steps per contender and round (after warm-up)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over all contenders; the median is reported")
     parser.add_argument(
         "--only",
         default="",
