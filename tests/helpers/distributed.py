@@ -39,7 +39,28 @@ def loopback_env(rank: int, world_size: int) -> dict[str, str]:
     }
 
 
-def _worker(rank: int, fn: Callable[..., Any], world_size: int, tmp: str, args: tuple, timeout: float) -> None:
+PRELOAD = ["torch", "torch.distributed", "lightning.pytorch", "lightning_dl", "lightning_dl.strategies", __name__]
+"""Imported once per test session by the fork server that starts every rank of ``run_distributed``: a rank forks
+from it with these modules loaded instead of importing them anew in a spawned interpreter (measured on 2 cores:
+6.1 s for 2 spawned ranks of a trivial function, 11.3 s for 4, 28.3 s for 8; forked from the server 0.1 s for 4
+and 0.3 s for 8, after 4.1 s to start the server once). The server never runs a test, so every rank starts from
+the same freshly imported state, as a spawned one would."""
+
+
+def _worker(
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    tmp: str,
+    args: tuple,
+    timeout: float,
+    parent: tuple[dict[str, str], str, list[str]],
+) -> None:
+    environ, cwd, path = parent  # a forked rank starts with the fork server's; take the calling process's
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
+    sys.path[:] = path
     os.environ.update(loopback_env(rank, world_size))
     dist.init_process_group(
         "gloo",
@@ -85,8 +106,10 @@ def _failure_report(tmp: Path, world_size: int) -> str:
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes that share a gloo process group
-    (``file://`` rendezvous in a temporary directory, sockets on the loopback interface).
+    """Call ``fn(rank, world_size, *args)`` in ``world_size`` processes that share a gloo process group
+    (``file://`` rendezvous in a temporary directory, sockets on the loopback interface). The processes are forked
+    from a fork server with ``PRELOAD`` imported, and take the calling process's environment variables, working
+    directory and ``sys.path``.
 
     Returns the per-rank return values (which must be picklable with ``torch.save``), ordered by rank. A rank that
     raises fails the call with a ``RuntimeError`` holding every failed rank's traceback, the first failure first;
@@ -96,7 +119,15 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     if world_size < 1:
         raise ValueError(f"`world_size` must be >= 1, got {world_size!r}.")
     with tempfile.TemporaryDirectory(prefix="lightning_dl_dist_") as tmp:
-        context = mp.spawn(_worker, args=(fn, world_size, tmp, args, timeout), nprocs=world_size, join=False)
+        mp.set_forkserver_preload(PRELOAD)  # read when the server starts: at the first call of a test session
+        parent = (dict(os.environ), os.getcwd(), list(sys.path))
+        context = mp.start_processes(
+            _worker,
+            args=(fn, world_size, tmp, args, timeout, parent),
+            nprocs=world_size,
+            join=False,
+            start_method="forkserver",
+        )
         assert context is not None
         deadline = time.monotonic() + timeout
         try:
