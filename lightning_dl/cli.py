@@ -4,7 +4,7 @@ LightningCLI the recipes share: after ``fit`` it tests the model, plots the curv
 from __future__ import annotations
 
 import argparse
-import subprocess
+import runpy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +177,25 @@ def main(argv: list[str] | None = None) -> int:
         command = recipe_command(find_recipe(args.recipe), args.recipe_args)
     except (KeyError, FileNotFoundError) as err:
         run.error(err.args[0])
-    return subprocess.call(command)
+    return run_script(command)
+
+
+def run_script(command: list[str]) -> int:
+    """Run ``command`` (``python SCRIPT ARGS...``, from ``recipe_command``) in this interpreter, as ``python`` would
+    run it: ``SCRIPT`` as ``__main__`` with its folder first on ``sys.path`` and ``sys.argv`` set; returns its exit
+    status. One interpreter start and one import of torch and Lightning instead of two (about 5 s on 2 cores);
+    processes the script spawns load it by path, as they would from ``python SCRIPT``."""
+    script = command[1]
+    sys.argv = command[1:]
+    sys.path.insert(0, str(Path(script).parent))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr)
+        return 1
+    return 0
 
 
 class RecipeCLI(LightningCLI):
