@@ -17,7 +17,6 @@ Every process runs one torch thread. A layout is a ``ParallelLayout`` string; ``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from lightning_dl.callbacks import ScalingEfficiency
 from lightning_dl.callbacks.scaling_efficiency import efficiency
 from lightning_dl.data import DigitsDataModule
 from lightning_dl.modules import ClassifierModule
+from lightning_dl.parallel.comm import leave_together
 from lightning_dl.parallel.layout import ParallelLayout
 
 LAYOUTS = ("1", "dp2", "tp2", "pp2", "dp2,pp2", "dp2,tp2", "dp4")
@@ -130,12 +130,7 @@ def _rank(rank: int, tmp: str, text: str, args: argparse.Namespace) -> None:
     report = _fit(layout, args)
     if rank == 0:
         Path(tmp, "report.json").write_text(json.dumps(report))
-    if dist.is_initialized():
-        # leave together: a rank that destroys its group while a peer's gloo threads still talk to it can abort that
-        # peer ("terminate called without an active exception", seen once in a CI run of the quick recipe)
-        with contextlib.suppress(RuntimeError):  # a dead peer: its own error is what the run reports
-            dist.monitored_barrier(timeout=timedelta(seconds=30))
-        dist.destroy_process_group()
+    leave_together(timedelta(seconds=30))  # a rank that left alone could abort a peer still talking to it
 
 
 def _independent(index: int, tmp: str, args: argparse.Namespace) -> None:

@@ -8,11 +8,9 @@ the same names), so "plain" state is keyed by those names.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from datetime import timedelta
 from typing import Any
 
 import lightning as L
@@ -27,21 +25,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from lightning_dl.parallel.comm import leave_together
 from lightning_dl.parallel.grad_norm import total_norm
-
-LEAVE_TIMEOUT = timedelta(seconds=10)
-"""How long a spawned rank that finished waits for the others before it leaves the process group."""
-
-
-def leave_together(timeout: timedelta = LEAVE_TIMEOUT) -> None:
-    """Wait (at most ``timeout``) for every rank, then destroy the process group: a rank that exits while a peer's
-    gloo threads still talk to it can abort that peer at exit (SIGABRT, "terminate called without an active
-    exception"). A peer that died only shortens the wait; its own error is what the run reports."""
-    if not dist.is_initialized():
-        return
-    with contextlib.suppress(RuntimeError):
-        dist.monitored_barrier(timeout=timeout) if dist.get_backend() == "gloo" else dist.barrier()
-    dist.destroy_process_group()
 
 
 class FullStateLauncher(_MultiProcessingLauncher):

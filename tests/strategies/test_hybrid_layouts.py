@@ -16,8 +16,8 @@ from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from lightning_dl.parallel.comm import leave_together
 from lightning_dl.strategies import HybridStrategy
-from lightning_dl.strategies._model_parallel import leave_together
 from lightning_dl.strategies.hybrid import plain_state_dict
 from tests.helpers.distributed import run_distributed
 from tests.helpers.trainer import quiet_trainer

@@ -3,7 +3,7 @@ DDP communication hooks, parameter averaging, DiLoCo's outer step, and naming a 
 
 from lightning_dl.parallel.comm.averaging import average_, check_outer, check_sync, outer_step_
 from lightning_dl.parallel.comm.compressors import COMPRESSORS, check_compressor, check_dense_gradients
-from lightning_dl.parallel.comm.faults import dead_ranks_message, missing_ranks
+from lightning_dl.parallel.comm.faults import dead_ranks_message, leave_together, missing_ranks
 from lightning_dl.parallel.comm.hooks import CompressionState, LocalState, compile_fused, hook_for, local_hook
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "compile_fused",
     "dead_ranks_message",
     "hook_for",
+    "leave_together",
     "local_hook",
     "missing_ranks",
     "outer_step_",

@@ -1,8 +1,10 @@
 """Naming the rank that died: after a collective fails, every surviving rank writes a key to the process group's
-store and waits ``grace`` seconds for the others' keys; ranks whose key never comes are reported dead."""
+store and waits ``grace`` seconds for the others' keys; ranks whose key never comes are reported dead. And leaving a
+process group together, so that a finished rank does not take a peer down with it."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import timedelta
 
@@ -42,3 +44,19 @@ def dead_ranks_message(rank: int, world_size: int, *, grace: float = 5.0, tag: s
     if not missing:
         return f"every rank answered rank {rank} after the failed collective"
     return f"rank(s) {missing} of {world_size} did not answer rank {rank} within {grace:g} s: dead or hung"
+
+
+LEAVE_TIMEOUT = timedelta(seconds=10)
+"""How long a spawned rank that finished waits for the others before it leaves the process group."""
+
+
+def leave_together(timeout: timedelta = LEAVE_TIMEOUT) -> None:
+    """Wait (at most ``timeout``) for every rank, then destroy the process group: a rank that exits while a peer's
+    gloo threads still talk to it can abort that peer at exit (SIGABRT, "terminate called without an active
+    exception"). A peer that died only shortens the wait; its own error is what the run reports. Does nothing
+    without a process group."""
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(RuntimeError):
+        dist.monitored_barrier(timeout=timeout) if dist.get_backend() == "gloo" else dist.barrier()
+    dist.destroy_process_group()
