@@ -184,8 +184,10 @@ def run_script(command: list[str]) -> int:
     """Run ``command`` (``python SCRIPT ARGS...``, from ``recipe_command``) in this interpreter, as ``python`` would
     run it: ``SCRIPT`` as ``__main__`` with its folder first on ``sys.path`` and ``sys.argv`` set; returns its exit
     status. One interpreter start and one import of torch and Lightning instead of two (about 5 s on 2 cores);
-    processes the script spawns load it by path, as they would from ``python SCRIPT``."""
+    processes the script spawns load it by path, as they would from ``python SCRIPT``. ``sys.argv`` and
+    ``sys.path`` are restored afterwards, so that a caller of ``main`` from Python keeps its own."""
     script = command[1]
+    argv, path = sys.argv, list(sys.path)
     sys.argv = command[1:]
     sys.path.insert(0, str(Path(script).parent))
     try:
@@ -195,6 +197,8 @@ def run_script(command: list[str]) -> int:
             return exit_.code or 0
         print(exit_.code, file=sys.stderr)
         return 1
+    finally:
+        sys.argv, sys.path[:] = argv, path
     return 0
 
 

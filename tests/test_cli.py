@@ -45,6 +45,23 @@ def test_checkpoint_convert_is_a_subcommand(capsys) -> None:
     assert "the following arguments are required: convert" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("ending", "status"), [("", 0), ("sys.exit(3)", 3), ("sys.exit('bad value')", 1)])
+def test_run_script_runs_as_python_would_and_restores_argv_and_path(tmp_path, capsys, ending, status) -> None:
+    script = tmp_path / "recipe.py"
+    script.write_text(
+        "import sys\nimport sibling\n"
+        "print(__name__, sys.argv, sys.path[0] == sys.argv[0].rsplit('/', 1)[0], sibling.VALUE)\n" + ending + "\n"
+    )
+    (tmp_path / "sibling.py").write_text("VALUE = 7\n")
+    argv, path = list(sys.argv), list(sys.path)
+    assert cli.run_script([sys.executable, str(script), "--x=1"]) == status
+    out, err = capsys.readouterr()
+    assert out == f"__main__ {[str(script), '--x=1']} True 7\n"
+    assert err == ("bad value\n" if status == 1 else "")
+    assert sys.argv == argv and sys.path == path
+    sys.modules.pop("sibling", None)
+
+
 def test_every_recipe_script_and_config_exists() -> None:
     for recipe in cli.RECIPES:
         command = cli.recipe_command(recipe, ["--extra"])
