@@ -3,7 +3,6 @@ start ``torchrun`` nodes on 127.0.0.1 as separate process groups that a test can
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -20,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from lightning_dl.parallel.comm import leave_together
 
 DEFAULT_TIMEOUT = 120.0
 ROOT = Path(__file__).resolve().parents[2]  # the repository: torchrun's workers import `tests.*` from here
@@ -76,18 +77,10 @@ def _worker(
         (Path(tmp) / f"error_{rank}.txt").write_text(f"{time.time()}\n{traceback.format_exc()}")
         raise
     else:
-        _leave_together()
+        leave_together()  # a rank that left alone could abort a peer still talking to it
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _leave_together(timeout: float = 10.0) -> None:
-    """Wait (at most ``timeout`` s) for the other ranks before leaving the group: a rank that destroys its group and
-    exits while a peer's gloo threads still talk to it can abort that peer (SIGABRT, "terminate called without an
-    active exception") after its work is done. A peer that died or failed only shortens the wait."""
-    with contextlib.suppress(RuntimeError):  # a failed or dead peer: its own error is what the test reports
-        dist.monitored_barrier(timeout=timedelta(seconds=timeout))
 
 
 def _failure_report(tmp: Path, world_size: int) -> str:
