@@ -21,7 +21,7 @@ import torch
 from _common import Bench, bench_parser
 
 from lightning_dl.parallel.comm import codecs, kernels
-from lightning_dl.parallel.comm.compressors import orthogonalize_
+from lightning_dl.parallel.comm.compressors import EPS, orthogonalize_
 from lightning_dl.parallel.comm.workspace import BucketWorkspace
 
 
@@ -85,14 +85,17 @@ def powersgd(fused: bool, shapes: list[torch.Size], rank: int) -> Callable[[], N
             }
         )
 
+    pending = [False] * len(matrices)  # fused: the residual left in factors for the next call to take off
+
     def run() -> None:
-        for t in matrices:
+        for i, t in enumerate(matrices):
             if fused:
                 n = {k: v.numpy() for k, v in t.items()}
-                kernels.add_project(n["e"], n["g"], t["q"].T.contiguous().numpy(), n["p"])
-                orthogonalize_(t["p"])
+                kernels.add_project(n["e"], n["g"], t["q"].T.contiguous().numpy(), n["p"], n["q_t"], pending[i])
+                kernels.orthogonalize(n["p"], EPS)
                 kernels.project_back(n["p"], n["e"], n["q_t"])
-                kernels.residual_and_result(n["e"], n["p"], n["q_t"], n["q_mean_t"], n["out"])
+                kernels.result(n["p"], n["q_mean_t"], n["out"])
+                pending[i] = True
             else:
                 t["e"].add_(t["g"])
                 torch.mm(t["e"], t["q"], out=t["p"])

@@ -150,7 +150,11 @@ def sign_decode(codes: torch.Tensor, scale: torch.Tensor, numel: int) -> torch.T
     return sign_decode_(codes, scale.reshape(()), out, index)
 
 
-def orthogonalize_(p: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+EPS = 1e-8
+"""Added to a column's norm before PowerSGD's Gram-Schmidt divides by it: a zero column stays zero."""
+
+
+def orthogonalize_(p: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Gram-Schmidt on the columns of ``p`` in place (PowerSGD's ``P̂``); a zero column stays zero."""
     for i in range(p.shape[1]):
         col = p[:, i]

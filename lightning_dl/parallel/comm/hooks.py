@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_dl.parallel.comm.codecs import CODECS, as_numpy, loops
-from lightning_dl.parallel.comm.compressors import check_compressor, initial_q, orthogonalize_
+from lightning_dl.parallel.comm.compressors import EPS, check_compressor, initial_q, orthogonalize_
 from lightning_dl.parallel.comm.workspace import BucketWorkspace
 
 # no `from __future__ import annotations`: DDP checks the hooks' annotations at runtime
@@ -55,12 +55,24 @@ class CompressionState:
         self.compressor, self.rank, self.start_iter, self.seed = compressor, rank, start_iter, seed
         self.process_group = process_group
         self.names = {id(p): name for name, p in module.named_parameters()}
-        self.residuals: dict[str, torch.Tensor] = {}
+        self._residuals: dict[str, torch.Tensor] = {}
         self.qs: dict[str, torch.Tensor] = {}
         self.workspaces: dict[tuple[str, ...], BucketWorkspace] = {}
         """Preallocated buffers by bucket layout (the names of the bucket's parameters); ``residuals`` views them."""
         self.iter = 0
         self.bytes_sent = 0
+
+    @property
+    def residuals(self) -> dict[str, torch.Tensor]:
+        """Residuals by parameter name (views into the bucket workspaces, zero-copy), each written out first where
+        fused PowerSGD still keeps it in factors for the next step to take off."""
+        for ws in self.workspaces.values():
+            ws.settle()
+        return self._residuals
+
+    @residuals.setter
+    def residuals(self, residuals: dict[str, torch.Tensor]) -> None:
+        self._residuals = residuals
 
     def world_size(self) -> int:
         return dist.get_world_size(self.process_group)
@@ -85,7 +97,7 @@ def _workspace(state: CompressionState, bucket: dist.GradBucket) -> BucketWorksp
     ws = state.workspaces.get(names)
     if ws is None:
         for key in [k for k in state.workspaces if set(k) & set(names)]:  # an earlier layout of these tensors
-            del state.workspaces[key]
+            state.workspaces.pop(key).settle()
         shapes = [g.shape for g in bucket.gradients()]
         device = bucket.buffer().device
         fused = FUSED and device.type == "cpu"
@@ -93,7 +105,7 @@ def _workspace(state: CompressionState, bucket: dist.GradBucket) -> BucketWorksp
             list(names), shapes, state.compressor, world=state.world_size(), rank=state.rank, device=device, fused=fused
         )
         state.workspaces[names] = ws
-    ws.adopt(state.residuals)
+    ws.adopt(state._residuals)
     return ws
 
 
@@ -148,8 +160,11 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
     """PowerSGD with error feedback and warm start: matrices worth compressing go as ``P`` then ``Q`` (two
     all-reduces), the others uncompressed with the first. Residual ``M − P̂·Q_localᵀ`` (Vogels et al. 2019).
     Every product is written into preallocated buffers: ``P`` and ``Qᵀ`` into the two messages, the residual
-    update in place, the result straight into the bucket buffer. Fused (CPU): three passes over each matrix
-    (``M = g + e`` with ``P = MQ``; ``Qᵀ = P̂ᵀM``; the residual with the result ``P̂Q̄ᵀ``) where torch takes five.
+    update in place, the result straight into the bucket buffer. Fused (CPU): three passes over each matrix where
+    torch takes five: ``M = e + g`` with ``P = MQ``; ``Qᵀ = P̂ᵀM``; the result ``P̂Q̄ᵀ``. The residual is left in
+    factors (``M``, ``P̂``, ``Q_local``) and taken off in the next step's first pass, which reads and writes ``M``
+    anyway: one read and one write of every element fewer per step. ``CompressionState.residuals`` and checkpoints
+    write it out first, with the same bits.
 
     Both all-reduces run inside the hook, in bucket order: issuing the second from a future's callback lets ranks
     order collectives of different buckets differently, and gloo then hangs (seen with a multi-bucket model)."""
@@ -168,13 +183,15 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
         m, g = ws.residual_views[i].view(rows, -1), grad.view(rows, -1)
         if name not in state.qs:
             state.qs[name] = initial_q(ws.shapes[i], r, state.seed + zlib.crc32(name.encode())).to(m.device)
-        p = ws.first[ws.p_offsets[i] : ws.p_offsets[i] + rows * r].view(rows, r)
-        if ws.fused:
-            loops().add_project(as_numpy(m), as_numpy(g), as_numpy(state.qs[name].T.contiguous()), as_numpy(p))
+        p = ws.p(i)
+        if ws.fused:  # the last step's residual taken off on the way (P̂ is still in p, Q_localᵀ in q_local)
+            q_t, q_local_t = state.qs[name].T.contiguous(), ws.q_local[ws.q_span(i)].view(r, -1)
+            pending, ws.pending[i] = ws.pending[i], False
+            loops().add_project(as_numpy(m), as_numpy(g), as_numpy(q_t), as_numpy(p), as_numpy(q_local_t), pending)
         else:
             m.add_(g)  # M = g + e
             torch.mm(m, state.qs[name], out=p)
-        matrices.append((name, g, m, p, slice(ws.q_offsets[i], ws.q_offsets[i] + m.shape[1] * r)))
+        matrices.append((i, name, g, m, p, ws.q_span(i)))
     state.bytes_sent += ws.first.numel() * ws.first.element_size()
     dist.all_reduce(ws.first, group=state.process_group)
     ws.first.div_(world)
@@ -183,12 +200,13 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
             ws.view(out, i).copy_(ws.first[ws.plain_offsets[i] : ws.plain_offsets[i] + ws.numels[i]])
     if not matrices:
         return _finished(bucket, out)
-    for _, _, m, p_hat, span in matrices:
-        orthogonalize_(p_hat)
+    for _, _, _, m, p_hat, span in matrices:
         q_t = ws.second[span].view(r, -1)
         if ws.fused:
+            loops().orthogonalize(as_numpy(p_hat), EPS)
             loops().project_back(as_numpy(p_hat), as_numpy(m), as_numpy(q_t))  # this rank's Qᵀ = P̂ᵀM
         else:
+            orthogonalize_(p_hat)
             torch.mm(p_hat.T, m, out=q_t)  # this rank's Qᵀ = P̂ᵀM (on CPU 3x faster than MᵀP̂ into Q)
             m.addmm_(p_hat, q_t, alpha=-1.0)  # residual e = M − P̂Qᵀ
     if ws.fused:
@@ -196,14 +214,12 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
     state.bytes_sent += ws.second.numel() * ws.second.element_size()
     dist.all_reduce(ws.second, group=state.process_group)
     ws.second.div_(world)
-    for name, grad, m, p_hat, span in matrices:
+    for i, name, grad, _, p_hat, span in matrices:
         q_mean_t = ws.second[span].view(r, -1)
         state.qs[name].copy_(q_mean_t.T)
-        if ws.fused:  # residual e = M − P̂Q_localᵀ and the result P̂Q̄ᵀ in one pass
-            q_local_t = ws.q_local[span].view(r, -1)
-            loops().residual_and_result(
-                as_numpy(m), as_numpy(p_hat), as_numpy(q_local_t), as_numpy(q_mean_t), as_numpy(grad)
-            )
+        if ws.fused:  # the result P̂Q̄ᵀ; the residual M − P̂Q_localᵀ stays in factors for the next step's first pass
+            loops().result(as_numpy(p_hat), as_numpy(q_mean_t), as_numpy(grad))
+            ws.pending[i] = True
         else:
             torch.mm(p_hat, q_mean_t, out=grad)
     return _finished(bucket, out)
@@ -269,6 +285,9 @@ def compile_fused(compressor: str, world: int) -> None:
     kernels, rows, cols = loops(), 8, 70
     m, g = ws.residual_views[1].view(rows, cols), out[70:].view(rows, cols)
     p, q_t = ws.first[: rows * 4].view(rows, 4), ws.second[: cols * 4].view(4, cols)
-    kernels.add_project(as_numpy(m), as_numpy(g), as_numpy(torch.ones(cols, 4).T.contiguous()), as_numpy(p))
+    for pending in (False, True):
+        kernels.add_project(as_numpy(m), as_numpy(g), as_numpy(q_t), as_numpy(p), as_numpy(q_t), pending)
+    kernels.orthogonalize(as_numpy(p), EPS)
     kernels.project_back(as_numpy(p), as_numpy(m), as_numpy(q_t))
-    kernels.residual_and_result(as_numpy(m), as_numpy(p), as_numpy(q_t), as_numpy(q_t), as_numpy(g))
+    kernels.result(as_numpy(p), as_numpy(q_t), as_numpy(g))
+    kernels.settle(as_numpy(m), as_numpy(p), as_numpy(q_t))

@@ -44,13 +44,17 @@ class BucketWorkspace:
         device: torch.device | None = None,
         fused: bool = False,
     ) -> None:
-        self.names, self.shapes, self.fused = names, shapes, fused
+        self.names, self.shapes, self.fused, self.rank = names, shapes, fused, rank
         self.numels = [s.numel() for s in shapes]
         self.offsets = [sum(self.numels[:i]) for i in range(len(shapes))]
         total = sum(self.numels)
         self.residual = torch.zeros(total, device=device)
         """Residuals (error feedback) of every tensor of the bucket, flat, in buffer order."""
         self.residual_views = [self.view(self.residual, i).view(s) for i, s in enumerate(shapes)]
+        self.pending = [False] * len(shapes)
+        """Fused PowerSGD: tensor ``i``'s residual is ``residual − P̂·Q_localᵀ``, still in factors (``P̂`` in ``first``,
+        ``Q_localᵀ`` in ``q_local``); the next step's first pass takes it off on the way, or ``settle`` writes it out.
+        The other compressors leave none."""
         if compressor == "powersgd":
             self.compressed = [compressible(s, rank) for s in shapes]
             self.message = torch.empty(0, dtype=torch.uint8)
@@ -64,8 +68,8 @@ class BucketWorkspace:
             self.q_offsets = _starts(q_sizes)
             self.first = torch.empty(sum(p_sizes) + sum(plain), device=device)
             self.second = torch.empty(sum(q_sizes), device=device)
-            if fused:  # this rank's Qᵀ, kept while the second all-reduce averages it
-                self.q_local = torch.empty_like(self.second)
+            if fused:  # this rank's Qᵀ, kept while the second all-reduce averages it and until the next step
+                self.q_local = torch.zeros_like(self.second)  # finite: the first pass multiplies it by zeros
             return
         self.compressed = [True] * len(shapes)
         code_sizes = self.numels if compressor == "int8" else [-(-n // 8) for n in self.numels]
@@ -93,6 +97,29 @@ class BucketWorkspace:
         self.units = torch.empty(min(CHUNK, max(self.numels, default=0)), device=device)
         self.decoded = torch.empty_like(self.units)
         self.index = torch.empty(max(code_sizes, default=0), dtype=torch.int32, device=device)
+
+    def p(self, i: int) -> torch.Tensor:
+        """PowerSGD: matrix ``i``'s ``P`` (then ``P̂``) in ``first``, ``rows × rank``."""
+        rows = self.shapes[i][0]
+        return self.first[self.p_offsets[i] : self.p_offsets[i] + rows * self.rank].view(rows, self.rank)
+
+    def q_span(self, i: int) -> slice:
+        """PowerSGD: where matrix ``i``'s ``Qᵀ`` (``rank × cols``) lies in ``second`` and ``q_local``."""
+        return slice(self.q_offsets[i], self.q_offsets[i] + self.numels[i] // self.shapes[i][0] * self.rank)
+
+    def settle(self) -> None:
+        """Write out every residual still in factors (fused PowerSGD, ``pending``), with the bits the next step would
+        have given it: before anything reads the residuals."""
+        if not any(self.pending):
+            return
+        from lightning_dl.parallel.comm import kernels
+
+        for i, pending in enumerate(self.pending):
+            if pending:
+                q_local_t = self.q_local[self.q_span(i)].view(self.rank, -1)
+                m = self.residual_views[i].view(self.shapes[i][0], -1)
+                kernels.settle(m.numpy(), self.p(i).numpy(), q_local_t.numpy())
+                self.pending[i] = False
 
     def view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
         """Tensor ``i``'s part of a flat bucket-shaped ``buffer``, flat."""
@@ -130,6 +157,7 @@ class BucketWorkspace:
                 continue
             if old is not None:
                 view.copy_(old.reshape(self.shapes[i]))
+                self.pending[i] = False  # the residual is the one adopted
             residuals[name] = view
 
 

@@ -93,19 +93,72 @@ def _close_to_products(actual: torch.Tensor, terms: list[tuple[torch.Tensor, tor
 def test_powersgd_passes_equal_the_matrix_products(rank) -> None:
     rows, cols = 13, 21
     e, g = _randn(rows, cols, seed=7), _randn(rows, cols, seed=8)
-    q_t, p = _randn(rank, cols, seed=9), torch.empty(rows, rank)
+    q_t, p, no_factors = _randn(rank, cols, seed=9), torch.empty(rows, rank), torch.zeros(rank, cols)
     m = e.clone()
-    kernels.add_project(m.numpy(), g.numpy(), q_t.numpy(), p.numpy())
+    kernels.add_project(m.numpy(), g.numpy(), q_t.numpy(), p.numpy(), no_factors.numpy(), False)
     assert torch.equal(m, e + g)
     _close_to_products(p, [(m, q_t.T)])
     q_local_t = torch.empty(rank, cols)
     kernels.project_back(p.numpy(), m.numpy(), q_local_t.numpy())
     _close_to_products(q_local_t, [(p.T, m)])
     q_mean_t, out = _randn(rank, cols, seed=10), torch.empty(rows, cols)
-    before = m.clone()
-    kernels.residual_and_result(m.numpy(), p.numpy(), q_local_t.numpy(), q_mean_t.numpy(), out.numpy())
-    _close_to_products(m, [(-p, q_local_t)], base=before)
+    kernels.result(p.numpy(), q_mean_t.numpy(), out.numpy())
     _close_to_products(out, [(p, q_mean_t)])
+    # the next step takes the residual M − P̂·Q_localᵀ off on the way, with the bits that settle writes out
+    g2, q2_t = _randn(rows, cols, seed=11), _randn(rank, cols, seed=12)
+    lazy, lazy_p = m.clone(), p.clone()
+    kernels.add_project(lazy.numpy(), g2.numpy(), q2_t.numpy(), lazy_p.numpy(), q_local_t.numpy(), True)
+    residual = m.clone()
+    kernels.settle(residual.numpy(), p.numpy(), q_local_t.numpy())
+    _close_to_products(residual, [(-p, q_local_t)], base=m)
+    settled, settled_p = residual.clone(), torch.empty(rows, rank)
+    kernels.add_project(settled.numpy(), g2.numpy(), q2_t.numpy(), settled_p.numpy(), q_local_t.numpy(), False)
+    assert torch.equal(lazy, residual + g2) and torch.equal(lazy, settled) and torch.equal(lazy_p, settled_p)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 5])
+def test_orthogonalize_follows_the_column_by_column_rule(rank) -> None:
+    p = _randn(300, rank, seed=13)
+    p[:, -1] = 0.0  # a zero column stays zero
+    expected: list[torch.Tensor] = []
+    for v in p.double().T:
+        for u in expected:
+            v = v - (u @ v) * u
+        expected.append(v / (v.norm() + 1e-8))
+    got = p.clone()
+    kernels.orthogonalize(got.numpy(), 1e-8)
+    torch.testing.assert_close(got, torch.stack(expected, dim=1).float(), rtol=0, atol=1e-5)
+    assert torch.equal(got[:, -1], torch.zeros(300))
+
+
+def _powersgd_steps(steps: int, settle_every_step: bool, rank: int = 3) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One rank's fused PowerSGD passes over ``steps`` steps (no all-reduce: its own P̂ and Q are the means)."""
+    rows, cols = 37, 29
+    m, p, q_local_t = torch.zeros(rows, cols), torch.empty(rows, rank), torch.zeros(rank, cols)
+    q_t = _randn(rank, cols, seed=20)
+    outs, pending = [], False
+    for step in range(steps):
+        g = _randn(rows, cols, seed=30 + step)
+        if settle_every_step and pending:
+            kernels.settle(m.numpy(), p.numpy(), q_local_t.numpy())
+            pending = False
+        kernels.add_project(m.numpy(), g.numpy(), q_t.numpy(), p.numpy(), q_local_t.numpy(), pending)
+        kernels.orthogonalize(p.numpy(), 1e-8)
+        kernels.project_back(p.numpy(), m.numpy(), q_local_t.numpy())
+        q_t = q_local_t.clone()
+        out = torch.empty(rows, cols)
+        kernels.result(p.numpy(), q_t.numpy(), out.numpy())
+        outs.append(out)
+        pending = True
+    kernels.settle(m.numpy(), p.numpy(), q_local_t.numpy())
+    return outs, m
+
+
+def test_powersgd_residual_in_factors_gives_the_bits_of_one_written_out_every_step() -> None:
+    lazy_outs, lazy_residual = _powersgd_steps(4, settle_every_step=False)
+    outs, residual = _powersgd_steps(4, settle_every_step=True)
+    assert all(torch.equal(a, b) for a, b in zip(lazy_outs, outs, strict=True))
+    assert torch.equal(lazy_residual, residual) and lazy_residual.abs().sum() > 0
 
 
 def test_compile_fused_covers_every_loop_the_exchange_calls() -> None:
