@@ -154,9 +154,10 @@ def _powersgd_steps(steps: int, settle_every_step: bool, rank: int = 3) -> tuple
     return outs, m
 
 
-def test_powersgd_residual_in_factors_gives_the_bits_of_one_written_out_every_step() -> None:
-    lazy_outs, lazy_residual = _powersgd_steps(4, settle_every_step=False)
-    outs, residual = _powersgd_steps(4, settle_every_step=True)
+@pytest.mark.parametrize("rank", [3, 8])
+def test_powersgd_residual_in_factors_gives_the_bits_of_one_written_out_every_step(rank) -> None:
+    lazy_outs, lazy_residual = _powersgd_steps(4, settle_every_step=False, rank=rank)
+    outs, residual = _powersgd_steps(4, settle_every_step=True, rank=rank)
     assert all(torch.equal(a, b) for a, b in zip(lazy_outs, outs, strict=True))
     assert torch.equal(lazy_residual, residual) and lazy_residual.abs().sum() > 0
 
