@@ -85,7 +85,10 @@ class CompressionState:
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        """Replace the state with a saved one; the bucket workspaces are built again at the next step, adopting the
+        loaded residuals (a tensor without one starts from zero, not from what this state held before)."""
         self.iter = int(state["iter"])
+        self.workspaces = {}
         self.residuals = {k: v.to(device) for k, v in state["residuals"].items()}
         self.qs = {k: v.to(device) for k, v in state["qs"].items()}
 

@@ -192,8 +192,9 @@ def _take_group(row, p, i, a, l_t):
 def _add_pair(x, y, gx, gy, q, lt, u, w):
     """Rows ``x`` and ``y`` of ``M``: less ``u·Lᵀ`` and ``w·Lᵀ`` (``lt``: four rows of ``Lᵀ``; zero weights take off
     zeros), plus ``gx``, ``gy``; returns their products with the four rows ``q`` of ``Qᵀ``. Two rows per pass load
-    each element of ``Qᵀ`` and ``Lᵀ`` once for both (the pass is bound by loads: 4.3 against 5.9 ms on the benchmark
-    MLP). One loop whether or not a residual is pending, so that ``P`` gets the same bits either way."""
+    each element of ``Qᵀ`` and ``Lᵀ`` once for both (the pass is bound by loads: 4.2–4.5 against 5.5–6.2 ms a row at
+    a time on the benchmark MLP). One loop whether or not a residual is pending, so that ``P`` gets the same bits
+    either way."""
     q0, q1, q2, q3 = q
     l0, l1, l2, l3 = lt
     zero = np.float32(0)

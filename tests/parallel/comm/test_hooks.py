@@ -58,10 +58,38 @@ def _trace(compressor: str, start_iter: int, rank: int, bucket_cap_mb: float = 2
     return steps
 
 
+def _powersgd_unread(rank: int) -> dict:
+    """``_trace("powersgd", ...)`` without reading the residuals between steps (fused, they stay in factors from one
+    step to the next); at step 1 the state is saved, the step taken, then the state and the parameters loaded back
+    into the same, already used, state and the step taken again."""
+    net = tiny_net(seed=0)
+    state = CompressionState(net, "powersgd", rank=RANK)
+    model = DistributedDataParallel(net)
+    model.register_comm_hook(state, hook_for("powersgd"))
+    outputs, first_try = [], None
+    for step in range(STEPS):
+        x, y = _batch(rank, step)
+        if step == 1:
+            saved, parameters = state.state_dict(), copy.deepcopy(net.state_dict())
+            F.mse_loss(model(x), y).backward()
+            first_try = {n: p.grad.clone() for n, p in net.named_parameters()}
+            net.zero_grad(set_to_none=True)
+            state.load_state_dict(saved)
+            net.load_state_dict(parameters)
+        F.mse_loss(model(x), y).backward()
+        outputs.append({n: p.grad.clone() for n, p in net.named_parameters()})
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+    return {"outputs": outputs, "residuals": copy.deepcopy(state.residuals), "first_try": first_try}
+
+
 def _run(rank: int, world_size: int) -> dict:
     out = {c: _trace(c, 0, rank) for c in ("int8", "sign", "powersgd")}
     out |= {f"{c}_torch": _trace(c, 0, rank, fused=False) for c in ("int8", "sign", "powersgd")}
     hooks.FUSED = True
+    out["powersgd_unread"] = _powersgd_unread(rank)
     out["int8_start2"] = _trace("int8", 2, rank)
     for compressor in ("int8", "powersgd"):  # one bucket per tensor: collectives of several buckets in order
         out[f"{compressor}_buckets"] = _trace(compressor, 0, rank, bucket_cap_mb=1e-4)
@@ -168,6 +196,19 @@ def test_powersgd_hook_follows_vogels_rule_with_error_feedback(ranks, path) -> N
         n, m_ = 16, 8
         plain = sum(t.numel() for k, t in per_rank[0]["local"].items() if k != "0.weight")
         assert per_rank[0]["bytes"] == 4 * (RANK * n + plain + RANK * m_)
+
+
+def test_powersgd_residuals_left_in_factors_give_the_same_bits(ranks) -> None:
+    """Fused PowerSGD takes each residual off in the next step's first pass unless something reads it first: steps
+    that never read it give the bits of steps that read it every time, and a state loaded back into a used one
+    repeats a step bit for bit."""
+    for r in ranks:
+        lazy = r["powersgd_unread"]
+        for read, unread in zip(r["powersgd"], lazy["outputs"], strict=True):
+            assert all(torch.equal(read["output"][n], g) for n, g in unread.items())
+        assert lazy["residuals"].keys() == r["powersgd"][-1]["after"].keys() == {"0.weight"}
+        assert torch.equal(lazy["residuals"]["0.weight"], r["powersgd"][-1]["after"]["0.weight"])
+        assert all(torch.equal(lazy["first_try"][n], g) for n, g in lazy["outputs"][1].items())
 
 
 def test_start_iter_sends_plain_means_first(ranks) -> None:
