@@ -119,26 +119,35 @@ def fused_int8_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: in
 
 
 def fused_sign_encode(ws: BucketWorkspace, out: torch.Tensor) -> None:
-    """``sign_encode`` in one fused pass per tensor (``c``, its packed signs and ``‖c‖₁``)."""
+    """``sign_encode`` in one fused pass per tensor (``c``, its packed signs and ``‖c‖₁``), whole 64-bit words of
+    signs first, then the last ``n mod 64`` elements. The last step's residual ``c − s·σ``, left in the message by
+    ``fused_sign_finish``, is taken off on the way."""
     for i, n in enumerate(ws.numels):
-        total = loops().sign_encode(
-            as_numpy(ws.view(ws.residual, i)), as_numpy(ws.view(out, i)), as_numpy(ws.codes(ws.message, i))
-        )
+        s = np.float32(float(ws.scales[i]) if ws.pending[i] else 0.0)
+        ws.pending[i] = False
+        c, g, codes = as_numpy(ws.view(ws.residual, i)), as_numpy(ws.view(out, i)), as_numpy(ws.codes(ws.message, i))
+        bulk = n // 64 * 64
+        total = loops().sign_encode_words(c[:bulk], g[:bulk], codes[: bulk // 8].view(np.uint64), s) if bulk else 0.0
+        if n > bulk:
+            total += loops().sign_encode(c[bulk:], g[bulk:], codes[bulk // 8 :], s)
         ws.scales[i] = total / n if n else 0.0
 
 
 def fused_sign_finish(ws: BucketWorkspace, out: torch.Tensor, world: int, me: int) -> None:
-    """``sign_finish`` in one fused pass per tensor (``e`` and the mean): with two ranks, whole 64-bit words of
-    signs at a time, then the last ``n mod 64`` elements."""
+    """The mean of the ranks' ``s·σ`` into ``out``, one pass per tensor: with two ranks whole 64-bit words of signs at
+    a time, then the last ``n mod 64`` elements. This rank's residual ``c − s·σ`` is not written: its message keeps
+    ``s`` and σ for the next ``fused_sign_encode`` to take it off on the way (``BucketWorkspace.settle`` writes it
+    out, with the same bits, for whatever reads it first), one read and one write of ``c`` fewer per step."""
     scales = as_numpy(ws.received_scales())
     for i, n in enumerate(ws.numels):
-        c, codes, mean = as_numpy(ws.view(ws.residual, i)), as_numpy(ws.received_codes(i)), as_numpy(ws.view(out, i))
+        codes, mean = as_numpy(ws.received_codes(i)), as_numpy(ws.view(out, i))
         bulk = n // 64 * 64 if world == 2 else 0
         if bulk:
             words = codes[:, : bulk // 8].view(np.uint64)
             s_me, s_other = scales[i, me], scales[i, 1 - me]
-            loops().sign_finish_pair(c[:bulk], words[me], words[1 - me], s_me, s_other, mean[:bulk])
-        loops().sign_finish(c[bulk:], codes[:, bulk // 8 :], scales[i], me, mean[bulk:], loops().SIGNS)
+            loops().sign_finish_pair(words[me], words[1 - me], s_me, s_other, mean[:bulk])
+        loops().sign_finish(codes[:, bulk // 8 :], scales[i], me, mean[bulk:], loops().SIGNS)
+        ws.pending[i] = True
 
 
 CODECS = {  # (compressor, fused): (encode, finish)

@@ -65,7 +65,7 @@ class CompressionState:
     @property
     def residuals(self) -> dict[str, torch.Tensor]:
         """Residuals by parameter name (views into the bucket workspaces, zero-copy), each written out first where
-        fused PowerSGD still keeps it in factors for the next step to take off."""
+        the fused loops (PowerSGD, sign) still keep it in factors for the next step to take off."""
         for ws in self.workspaces.values():
             ws.settle()
         return self._residuals
@@ -280,10 +280,12 @@ def compile_fused(compressor: str, world: int) -> None:
     out = torch.ones(sum(s.numel() for s in shapes))
     if compressor != "powersgd":
         encode, finish = CODECS[compressor, True]
-        encode(ws, out)
-        for received in ws.received:
-            received.copy_(ws.message)
-        finish(ws, out, world, 0)
+        for _ in range(2):  # the second encode takes off the residual the first step left (sign)
+            encode(ws, out)
+            for received in ws.received:
+                received.copy_(ws.message)
+            finish(ws, out, world, 0)
+        ws.settle()
         return
     kernels, rows, cols = loops(), 8, 70
     m, g = ws.residual_views[1].view(rows, cols), out[70:].view(rows, cols)

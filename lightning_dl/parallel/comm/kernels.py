@@ -28,81 +28,110 @@ SIGNS = (((np.arange(256).reshape(-1, 1) >> np.arange(8)) & 1) * 2 - 1).astype(n
 """Row ``b``: the eight unit signs (+1 for a set bit, −1 otherwise) that the byte ``b`` stands for."""
 
 
+def _minus_typed(typingctx, a, b):
+    """``a − b`` rounded as written: the subtraction carries only ``nsz`` (numba's fastmath pass flags only operations
+    without flags), so LLVM cannot reassociate it with what is added next (see ``_take``)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fsub(args[0], args[1], flags=("nsz",))
+
+    return a(a, b), codegen
+
+
+_minus: Any = intrinsic(_minus_typed)
+
+
+@_jit(inline="always")
+def _unit(bits, k):
+    """The unit sign (±1.0) that bit ``k`` of ``bits`` stands for."""
+    return np.float32((np.uint64(bits) >> np.uint64(k)) & np.uint64(1)) * np.float32(2) - np.float32(1)
+
+
 @_jit(fastmath=_SUMS)
-def sign_encode(c, g, packed):
-    """``c += g``; bit ``k`` of ``packed[j]`` set where ``c[8j + k] >= 0`` (padding bits zero); returns ``‖c‖₁``
-    (float64; partial sums of eight in float32)."""
+def sign_encode(c, g, packed, s):
+    """``c ← (c − s·σ) + g``, σ the unit signs that ``packed`` holds on entry (this rank's last message, whose
+    residual is still to be taken off; ``s = 0`` takes off zeros), then bit ``k`` of ``packed[j]`` set where
+    ``c[8j + k] >= 0`` (padding bits zero); returns ``‖c‖₁`` (float64; partial sums of eight in float32). Eight
+    elements a byte; ``sign_encode_words`` does 64 at a time with the same arithmetic."""
     n = c.size
-    full = n // 8
     total = 0.0
-    for j in range(full):
-        byte = np.uint8(0)
-        part = np.float32(0)
-        b = 8 * j
-        for k in range(8):
-            v = c[b + k] + g[b + k]
+    for j in range(-(-n // 8)):
+        old, byte, part, b = packed[j], np.uint8(0), np.float32(0), 8 * j
+        for k in range(min(8, n - b)):
+            v = _minus(c[b + k], _unit(old, k) * s) + g[b + k]
             c[b + k] = v
             byte |= np.uint8(v >= 0) << k
             part += abs(v)
         total += float(part)
         packed[j] = byte
-    if n > 8 * full:
-        byte = np.uint8(0)
-        for k in range(n - 8 * full):
-            v = c[8 * full + k] + g[8 * full + k]
-            c[8 * full + k] = v
-            byte |= np.uint8(v >= 0) << k
-            total += abs(v)
-        packed[full] = byte
+    return total
+
+
+@_jit(fastmath=_SUMS)
+def sign_encode_words(c, g, words, s):
+    """``sign_encode`` for whole 64-bit words of signs (element ``64j + k`` is bit ``k`` of ``words[j]``): a fixed
+    trip count of 64 that LLVM vectorises; partial sums of 64."""
+    total = 0.0
+    for j in range(words.size):
+        old, word, part, b = words[j], np.uint64(0), np.float32(0), 64 * j
+        for k in range(64):
+            v = _minus(c[b + k], _unit(old, k) * s) + g[b + k]
+            c[b + k] = v
+            word |= np.uint64(v >= 0) << np.uint64(k)
+            part += abs(v)
+        total += float(part)
+        words[j] = word
     return total
 
 
 @_jit()
-def sign_finish_pair(c, mine, other, s_me, s_other, out):
+def sign_settle(c, packed, s):
+    """``c ← c − s·σ`` (σ from ``packed``): the residual that ``sign_encode`` would take off on the way, written out
+    with the same bits (``s·σ`` is ``±s``, exact)."""
+    for i in range(c.size):
+        c[i] = _minus(c[i], _unit(packed[i // 8], i % 8) * s)
+
+
+@_jit()
+def sign_finish_pair(mine, other, s_me, s_other, out):
     """``sign_finish`` for two ranks on whole words: ``mine`` and ``other`` hold 64 signs per ``uint64`` (element
-    ``64j + k`` is bit ``k`` of word ``j``), ``c`` and ``out`` 64 elements per word; a fixed trip count of 64 that
-    LLVM vectorises, about three times faster than going byte by byte."""
+    ``64j + k`` is bit ``k`` of word ``j``), ``out`` 64 elements per word; a fixed trip count of 64 that LLVM
+    vectorises, about three times faster than going byte by byte."""
     half_me, half_other = s_me / np.float32(2), s_other / np.float32(2)
-    one, two = np.uint64(1), np.float32(2)
     for j in range(mine.size):
         wm, wo, b = mine[j], other[j], 64 * j
         for k in range(64):
-            sm = np.float32((wm >> np.uint64(k)) & one) * two - np.float32(1)
-            so = np.float32((wo >> np.uint64(k)) & one) * two - np.float32(1)
-            c[b + k] -= sm * s_me
-            out[b + k] = so * half_other + sm * half_me
+            out[b + k] = _unit(wo, k) * half_other + _unit(wm, k) * half_me
 
 
 @_jit(inline="always")
-def _sign_finish_two(c, out, b, count, own, half_me, half_other, bm, bo):
+def _sign_finish_two(out, b, count, half_me, half_other, bm, bo):
     for k in range(count):
-        c[b + k] -= own[bm, k]
         out[b + k] = half_other[bo, k] + half_me[bm, k]
 
 
 @_jit()
-def sign_finish(c, codes, scales, me, out, table):
-    """``c ← c − s_me·σ_me`` and ``out ←`` the mean of the ranks' ``s_r·σ_r``; ``codes``: one row of packed signs per
-    rank, ``scales``: float32, one per rank. With two ranks ``(s_o/2)·σ_o + (s_me/2)·σ_me`` (halving is exact, and
-    ``a + b == b + a``: both ranks get the same bits); otherwise the sum in rank order, then divided."""
-    n = c.size
+def sign_finish(codes, scales, me, out, table):
+    """``out ←`` the mean of the ranks' ``s_r·σ_r`` (``codes``: one row of packed signs per rank, ``scales``:
+    float32, one per rank). With two ranks ``(s_o/2)·σ_o + (s_me/2)·σ_me`` (halving is exact, and ``a + b == b +
+    a``: both ranks get the same bits); otherwise the sum in rank order, then divided. This rank's residual
+    ``c − s_me·σ_me`` is left for its next ``sign_encode`` to take off (or ``sign_settle`` to write out)."""
+    n = out.size
     full = n // 8
     world = codes.shape[0]
-    own = table * scales[me]
     if world == 2:
         half_me = table * (scales[me] / np.float32(2))
         half_other = table * (scales[1 - me] / np.float32(2))
         for j in range(full):  # eight at a time: a fixed trip count that LLVM vectorises
-            _sign_finish_two(c, out, 8 * j, 8, own, half_me, half_other, codes[me, j], codes[1 - me, j])
+            _sign_finish_two(out, 8 * j, 8, half_me, half_other, codes[me, j], codes[1 - me, j])
         if n > 8 * full:
             bm, bo = codes[me, full], codes[1 - me, full]
-            _sign_finish_two(c, out, 8 * full, n - 8 * full, own, half_me, half_other, bm, bo)
+            _sign_finish_two(out, 8 * full, n - 8 * full, half_me, half_other, bm, bo)
         return
     divisor = np.float32(world)
     for j in range(full + (n > 8 * full)):
         b = 8 * j
         for k in range(min(8, n - b)):
-            c[b + k] -= own[codes[me, j], k]
             acc = table[codes[0, j], k] * scales[0]
             for r in range(1, world):
                 acc += table[codes[r, j], k] * scales[r]

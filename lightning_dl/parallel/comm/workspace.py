@@ -5,6 +5,7 @@ makes no large allocation (every new multi-megabyte tensor costs page faults on 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lightning_dl.parallel.comm.compressors import compressible
@@ -44,7 +45,7 @@ class BucketWorkspace:
         device: torch.device | None = None,
         fused: bool = False,
     ) -> None:
-        self.names, self.shapes, self.fused, self.rank = names, shapes, fused, rank
+        self.names, self.shapes, self.compressor, self.fused, self.rank = names, shapes, compressor, fused, rank
         self.numels = [s.numel() for s in shapes]
         self.offsets = [sum(self.numels[:i]) for i in range(len(shapes))]
         total = sum(self.numels)
@@ -52,9 +53,9 @@ class BucketWorkspace:
         """Residuals (error feedback) of every tensor of the bucket, flat, in buffer order."""
         self.residual_views = [self.view(self.residual, i).view(s) for i, s in enumerate(shapes)]
         self.pending = [False] * len(shapes)
-        """Fused PowerSGD: tensor ``i``'s residual is ``residual − P̂·Q_localᵀ``, still in factors (``P̂`` in ``first``,
-        ``Q_localᵀ`` in ``q_local``); the next step's first pass takes it off on the way, or ``settle`` writes it out.
-        The other compressors leave none."""
+        """Fused loops: tensor ``i``'s residual is still ``residual`` less what this rank sent, kept in factors
+        (PowerSGD: ``P̂`` in ``first``, ``Q_localᵀ`` in ``q_local``; sign: ``s`` and σ in ``message``); the next step's
+        first pass takes it off on the way, or ``settle`` writes it out. int8 and the torch path leave none."""
         if compressor == "powersgd":
             self.compressed = [compressible(s, rank) for s in shapes]
             self.message = torch.empty(0, dtype=torch.uint8)
@@ -108,18 +109,23 @@ class BucketWorkspace:
         return slice(self.q_offsets[i], self.q_offsets[i] + self.numels[i] // self.shapes[i][0] * self.rank)
 
     def settle(self) -> None:
-        """Write out every residual still in factors (fused PowerSGD, ``pending``), with the bits the next step would
-        have given it: before anything reads the residuals."""
+        """Write out every residual still in factors (``pending``), with the bits the next step would have given it:
+        before anything reads the residuals."""
         if not any(self.pending):
             return
         from lightning_dl.parallel.comm import kernels
 
         for i, pending in enumerate(self.pending):
-            if pending:
+            if not pending:
+                continue
+            if self.compressor == "sign":
+                scale = np.float32(float(self.scales[i]))  # this rank's own s and σ, in its message
+                kernels.sign_settle(self.view(self.residual, i).numpy(), self.codes(self.message, i).numpy(), scale)
+            else:
                 q_local_t = self.q_local[self.q_span(i)].view(self.rank, -1)
                 m = self.residual_views[i].view(self.shapes[i][0], -1)
                 kernels.settle(m.numpy(), self.p(i).numpy(), q_local_t.numpy())
-                self.pending[i] = False
+            self.pending[i] = False
 
     def view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
         """Tensor ``i``'s part of a flat bucket-shaped ``buffer``, flat."""

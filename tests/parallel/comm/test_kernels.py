@@ -20,28 +20,38 @@ def _unpack(codes: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n", [1, 8, 37, 64, 150])
-def test_sign_encode_adds_packs_and_sums(n) -> None:
-    e, g = _randn(n, seed=0), _randn(n, seed=1)
+def test_sign_encode_takes_the_last_residual_off_adds_packs_and_sums(n) -> None:
+    c0, g = _randn(n, seed=0), _randn(n, seed=1)
+    old = torch.randint(0, 256, (-(-n // 8),), dtype=torch.uint8, generator=torch.Generator().manual_seed(14))
+    s = torch.tensor(0.375)
+    e = c0 - s * _unpack(old, n)  # the residual the last message left: exact, s·σ is ±s
     g[::5] = -e[::5]  # exact zeros: bit set (sign(0) = +1)
-    c, packed = e.clone(), torch.full((-(-n // 8),), 255, dtype=torch.uint8)
-    total = kernels.sign_encode(c.numpy(), g.numpy(), packed.numpy())
-    assert torch.equal(c, e + g)
-    assert torch.equal(_unpack(packed, n), torch.where(e + g >= 0, 1.0, -1.0))
-    assert torch.all(_unpack(packed, 8 * packed.numel())[n:] == -1)  # padding bits zero
-    assert total == pytest.approx(float((e + g).abs().double().sum()), rel=1e-6)
+    for scale, start in ((s, c0), (torch.tensor(0.0), e)):  # the residual in factors, or written out (zero s)
+        c, packed = start.clone(), old.clone()
+        total = kernels.sign_encode(c.numpy(), g.numpy(), packed.numpy(), scale.numpy())
+        assert torch.equal(c, e + g)
+        assert torch.equal(_unpack(packed, n), torch.where(e + g >= 0, 1.0, -1.0))
+        assert torch.all(_unpack(packed, 8 * packed.numel())[n:] == -1)  # padding bits zero
+        assert total == pytest.approx(float((e + g).abs().double().sum()), rel=1e-6)
+        if n % 64 == 0:  # 64 at a time: the same bits
+            c2, packed2 = start.clone(), old.clone()
+            total2 = kernels.sign_encode_words(c2.numpy(), g.numpy(), packed2.numpy().view(np.uint64), scale.numpy())
+            assert torch.equal(c2, c) and torch.equal(packed2, packed)
+            assert total2 == pytest.approx(total, rel=1e-6)
+    settled = c0.clone()
+    kernels.sign_settle(settled.numpy(), old.numpy(), s.numpy())
+    assert torch.equal(settled, e)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("n", [5, 64, 150])
-def test_sign_finish_takes_own_message_off_and_averages(world, n) -> None:
+def test_sign_finish_averages_the_messages(world, n) -> None:
     codes = torch.randint(0, 256, (world, -(-n // 8)), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     scales = torch.rand(world, generator=torch.Generator().manual_seed(3)) + 0.1
     signs = [_unpack(codes[r], n) for r in range(world)]
     for me in range(world):
-        c, out = _randn(n, seed=4), torch.empty(n)
-        expected_c = c - scales[me] * signs[me]
-        kernels.sign_finish(c.numpy(), codes.numpy(), scales.numpy(), me, out.numpy(), kernels.SIGNS)
-        assert torch.equal(c, expected_c)
+        out = torch.empty(n)
+        kernels.sign_finish(codes.numpy(), scales.numpy(), me, out.numpy(), kernels.SIGNS)
         if world == 2:
             expected = scales[1 - me] / 2 * signs[1 - me] + scales[me] / 2 * signs[me]
         else:
@@ -49,11 +59,9 @@ def test_sign_finish_takes_own_message_off_and_averages(world, n) -> None:
         assert torch.equal(out, expected)
         if world == 2 and n % 64 == 0:  # the word-at-a-time form gives the same bits
             words = codes.numpy().view(np.uint64)
-            c2, out2 = _randn(n, seed=4), torch.empty(n)
-            kernels.sign_finish_pair(
-                c2.numpy(), words[me], words[1 - me], scales[me].numpy(), scales[1 - me].numpy(), out2.numpy()
-            )
-            assert torch.equal(c2, expected_c) and torch.equal(out2, out)
+            out2 = torch.empty(n)
+            kernels.sign_finish_pair(words[me], words[1 - me], scales[me].numpy(), scales[1 - me].numpy(), out2.numpy())
+            assert torch.equal(out2, out)
 
 
 def test_int8_quantize_and_finish_follow_the_rule() -> None:

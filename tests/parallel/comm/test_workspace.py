@@ -32,7 +32,12 @@ def _sign(c: torch.Tensor) -> torch.Tensor:
     return torch.where(c >= 0, s, -s)
 
 
-def _exchange(compressor: str, world: int, fused: bool, steps: int = 3) -> list[torch.Tensor]:
+def _exchange(
+    compressor: str, world: int, fused: bool, steps: int = 3, read_residuals: bool = True
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every step's mean and, at the end, each rank's residual. ``read_residuals``: the residuals are read (written
+    out first where the fused loops keep them in factors) and checked against the rule after every step; otherwise
+    they are read only at the end, so the fused loops take each one off in the next step's first pass."""
     names = [f"p{i}" for i in range(len(SHAPES))]
     workspaces = [BucketWorkspace(names, SHAPES, compressor, world=world, fused=fused) for _ in range(world)]
     encode, finish = codecs.CODECS[compressor, fused]
@@ -49,7 +54,11 @@ def _exchange(compressor: str, world: int, fused: bool, steps: int = 3) -> list[
                 ws.received[r].copy_(other.message)
         for me, (ws, out) in enumerate(zip(workspaces, outs, strict=True)):
             finish(ws, out, world, me)
+        if not read_residuals:
+            means.append(outs[0])
+            continue
         for r, ws in enumerate(workspaces):
+            ws.settle()
             sent = torch.cat([rule(ws.view(corrected[r], i)) for i in range(len(SHAPES))])
             torch.testing.assert_close(ws.residual, corrected[r] - sent, msg=f"{compressor} rank {r} step {step}")
             if compressor == "int8":
@@ -66,7 +75,9 @@ def _exchange(compressor: str, world: int, fused: bool, steps: int = 3) -> list[
         for out in outs[1:]:
             assert torch.equal(out, outs[0])  # every rank the same bits
         means.append(outs[0])
-    return means
+    for ws in workspaces:
+        ws.settle()
+    return means, [ws.residual.clone() for ws in workspaces]
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
@@ -79,8 +90,19 @@ def test_exchange_equals_mean_of_rule(monkeypatch, compressor, world, fused) -> 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fused_int8_gives_the_bits_of_the_torch_path(world) -> None:
-    for fused, plain in zip(_exchange("int8", world, True), _exchange("int8", world, False), strict=True):
+    for fused, plain in zip(_exchange("int8", world, True)[0], _exchange("int8", world, False)[0], strict=True):
         assert torch.equal(fused, plain)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fused_sign_residuals_left_in_the_message_give_the_same_bits(world) -> None:
+    """The fused sign loops leave each residual ``c − s·σ`` to the next encode: steps that never read the residuals
+    give the bits of steps that read (write out) them every time, means and final residuals alike."""
+    means, residuals = _exchange("sign", world, True, steps=4)
+    lazy_means, lazy_residuals = _exchange("sign", world, True, steps=4, read_residuals=False)
+    assert all(torch.equal(a, b) for a, b in zip(means, lazy_means, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(residuals, lazy_residuals, strict=True))
+    assert all(r.abs().sum() > 0 for r in residuals)
 
 
 def test_pack_bits_numpy_and_multiply_follow_the_bit_rule() -> None:
