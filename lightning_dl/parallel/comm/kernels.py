@@ -4,8 +4,8 @@ torch's CPU operations take one pass per operation (about ten per element for th
 run; ``tests/parallel/comm/test_kernels.py`` checks each loop against its rule, ``test_workspace.py`` both paths.
 
 Every function takes NumPy views of CPU tensors (``tensor.numpy()`` shares memory) and writes in place. Compiled once
-per machine (about 4 s) and cached on disk beside this file (about 0.5 s to load); ``hooks.compile_fused`` does it when
-a strategy configures DDP, so that no training step pays for it.
+per machine (about 6 s for all) and cached on disk beside this file (0.3–2.6 s to load); ``hooks.compile_fused``
+does it when a strategy configures DDP, so that no training step pays for it.
 """
 
 from __future__ import annotations
