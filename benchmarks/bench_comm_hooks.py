@@ -1,8 +1,9 @@
 """The compressed hooks' own work per step and rank, torch path against the fused CPU loops (``kernels.py``), on the
 gradients of bench_data_parallel's MLP 1024-2048-2048-10 (6.3 M float32 elements in one bucket), one thread: int8 and
 sign (encode and finish, two ranks simulated in one process, messages swapped as the all-gather would) and
-PowerSGD rank 4 (its passes over the matrices: ``M = g + e`` with ``P = MQ``, ``Qᵀ = P̂ᵀM``, the residual and the
-result ``P̂Q̄ᵀ``; the all-reduces are not counted). Thread CPU time, the median call over ``--rounds`` rounds of every
+PowerSGD rank 4 (its passes over the matrices: ``M = g + e`` with ``P = MQ``, Gram-Schmidt, ``Qᵀ = P̂ᵀM``, and the
+result ``P̂Q̄ᵀ``; the fused loops take the last residual off in the first pass, the torch path writes it at the end;
+the all-reduces are not counted). Thread CPU time, the median call over ``--rounds`` rounds of every
 contender (an encode call also copies the gradient back into the bucket, 25 MB, the same for both paths). Prints
 ratios (fused / torch) and absolute figures; writes comm_hooks.json and comm_hooks.png.
 

@@ -47,6 +47,13 @@ def _unit(bits, k):
     return np.float32((np.uint64(bits) >> np.uint64(k)) & np.uint64(1)) * np.float32(2) - np.float32(1)
 
 
+@_jit(inline="always")
+def _left(value, bits, k, s):
+    """``value − s·σ`` with σ bit ``k`` of ``bits``: the residual a sign message left (``s·σ`` is ``±s``, exact), the
+    one expression that the encodes take off on the way and ``sign_settle`` writes out."""
+    return _minus(value, _unit(bits, k) * s)
+
+
 @_jit(fastmath=_SUMS)
 def sign_encode(c, g, packed, s):
     """``c ← (c − s·σ) + g``, σ the unit signs that ``packed`` holds on entry (this rank's last message, whose
@@ -58,7 +65,7 @@ def sign_encode(c, g, packed, s):
     for j in range(-(-n // 8)):
         old, byte, part, b = packed[j], np.uint8(0), np.float32(0), 8 * j
         for k in range(min(8, n - b)):
-            v = _minus(c[b + k], _unit(old, k) * s) + g[b + k]
+            v = _left(c[b + k], old, k, s) + g[b + k]
             c[b + k] = v
             byte |= np.uint8(v >= 0) << k
             part += abs(v)
@@ -75,7 +82,7 @@ def sign_encode_words(c, g, words, s):
     for j in range(words.size):
         old, word, part, b = words[j], np.uint64(0), np.float32(0), 64 * j
         for k in range(64):
-            v = _minus(c[b + k], _unit(old, k) * s) + g[b + k]
+            v = _left(c[b + k], old, k, s) + g[b + k]
             c[b + k] = v
             word |= np.uint64(v >= 0) << np.uint64(k)
             part += abs(v)
@@ -89,7 +96,7 @@ def sign_settle(c, packed, s):
     """``c ← c − s·σ`` (σ from ``packed``): the residual that ``sign_encode`` would take off on the way, written out
     with the same bits (``s·σ`` is ``±s``, exact)."""
     for i in range(c.size):
-        c[i] = _minus(c[i], _unit(packed[i // 8], i % 8) * s)
+        c[i] = _left(c[i], packed[i // 8], i % 8, s)
 
 
 @_jit()
@@ -261,7 +268,7 @@ def add_project(m, g, q_t, p, l_t, pending):
     first = _columns(0, rank)
     q = (q_t[first[0]], q_t[first[1]], q_t[first[2]], q_t[first[3]])
     lt = (l_t[first[0]], l_t[first[1]], l_t[first[2]], l_t[first[3]])
-    spare = np.zeros((2, cols), dtype=m.dtype)  # the partner of an odd last row and its gradient
+    spare = np.zeros((2, cols if rows % 2 else 0), dtype=m.dtype)  # the partner of an odd last row, its gradient
     no_weights = (np.float32(0), np.float32(0), np.float32(0), np.float32(0))
     for i in range(0, rows, 2):
         pair = i + 1 < rows

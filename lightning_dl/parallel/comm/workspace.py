@@ -50,7 +50,8 @@ class BucketWorkspace:
         self.offsets = [sum(self.numels[:i]) for i in range(len(shapes))]
         total = sum(self.numels)
         self.residual = torch.zeros(total, device=device)
-        """Residuals (error feedback) of every tensor of the bucket, flat, in buffer order."""
+        """Residuals (error feedback) of every tensor of the bucket, flat, in buffer order; where ``pending``, the
+        corrected gradient whose residual is still in factors (``settle`` makes it the residual)."""
         self.residual_views = [self.view(self.residual, i).view(s) for i, s in enumerate(shapes)]
         self.pending = [False] * len(shapes)
         """Fused loops: tensor ``i``'s residual is still ``residual`` less what this rank sent, kept in factors
