@@ -98,8 +98,9 @@ def _close_to_products(actual: torch.Tensor, terms: list[tuple[torch.Tensor, tor
 
 
 @pytest.mark.parametrize("rank", [1, 3, 4, 5, 8])
-def test_powersgd_passes_equal_the_matrix_products(rank) -> None:
-    rows, cols = 13, 21
+@pytest.mark.parametrize("rows", [13, 14, 15, 16])  # the first pass takes four rows at a time
+def test_powersgd_passes_equal_the_matrix_products(rank, rows) -> None:
+    cols = 21
     e, g = _randn(rows, cols, seed=7), _randn(rows, cols, seed=8)
     q_t, p, no_factors = _randn(rank, cols, seed=9), torch.empty(rows, rank), torch.zeros(rank, cols)
     m = e.clone()
@@ -122,6 +123,19 @@ def test_powersgd_passes_equal_the_matrix_products(rank) -> None:
     settled, settled_p = residual.clone(), torch.empty(rows, rank)
     kernels.add_project(settled.numpy(), g2.numpy(), q2_t.numpy(), settled_p.numpy(), q_local_t.numpy(), False)
     assert torch.equal(lazy, residual + g2) and torch.equal(lazy, settled) and torch.equal(lazy_p, settled_p)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 7, 15, 16])
+def test_the_streamed_result_lands_at_any_alignment_and_nowhere_else(offset) -> None:
+    """PowerSGD's result streams the 64-byte-aligned middle of each row: rows that start anywhere, shorter than one
+    line, or many lines long, get every element and leave their neighbours alone."""
+    for rows, cols, rank in ((3, 5, 4), (2, 40, 3), (4, 257, 6)):
+        p, q_t = _randn(rows, rank, seed=20), _randn(rank, cols, seed=21)
+        buffer = torch.zeros(offset + rows * cols + 40)
+        out = buffer[offset : offset + rows * cols].view(rows, cols)
+        kernels.result(p.numpy(), q_t.numpy(), out.numpy())
+        _close_to_products(out, [(p, q_t)])
+        assert torch.all(buffer[:offset] == 0) and torch.all(buffer[offset + rows * cols :] == 0)
 
 
 @pytest.mark.parametrize("rank", [1, 3, 5])
