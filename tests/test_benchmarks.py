@@ -13,7 +13,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted(BENCHMARKS.glob("bench_*.py"))
-MULTI_PROCESS = {"bench_async", "bench_data_parallel", "bench_pipeline", "bench_tensor_parallel"}
+MULTI_PROCESS = {"bench_async", "bench_data_parallel", "bench_host_exchange", "bench_pipeline", "bench_tensor_parallel"}
 """Benchmarks that start process groups (marked ``distributed``)."""
 
 

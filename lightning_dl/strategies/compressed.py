@@ -57,7 +57,10 @@ class CompressedDDPStrategy(CommDDPStrategy):
     @override
     def configure_ddp(self) -> None:
         check_dense_gradients(self._module, f"strategy={self.strategy_name!r}")
-        self._state = CompressionState(self._module, self.compressor, rank=self.rank, start_iter=self.start_iter)
+        timeout = self._timeout.total_seconds() if self._timeout is not None else 1800.0
+        self._state = CompressionState(
+            self._module, self.compressor, rank=self.rank, start_iter=self.start_iter, timeout=timeout
+        )
         if self.root_device.type == "cpu":  # compiled now, not in the first training step
             compile_fused(self.compressor, self.world_size)
         super().configure_ddp()

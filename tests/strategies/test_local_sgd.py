@@ -12,6 +12,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -225,9 +226,17 @@ class KillRank(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def _fault_worker(rank: int, port: int, out: str, victim: int = 1, signum: int = signal.SIGKILL) -> None:
+def _fault_worker(
+    rank: int, port: int, out: str, victim: int = 1, signum: int = signal.SIGKILL, compressor: str = ""
+) -> None:
     os.environ.update(loopback_env(rank, WORLD) | {"MASTER_PORT": str(port)})
-    strategy = LocalSGDStrategy(sync_every=2, timeout=5 if signum == signal.SIGSTOP else 30)
+    timeout = 5 if signum == signal.SIGSTOP else 30
+    if compressor:  # a compressed DDP strategy: its messages go through the host's shared memory
+        from lightning_dl.strategies import CompressedDDPStrategy
+
+        strategy: Any = CompressedDDPStrategy(compressor=compressor, rank=1, timeout=timeout)
+    else:
+        strategy = LocalSGDStrategy(sync_every=2, timeout=timeout)
     trainer = quiet_trainer(
         devices=WORLD, strategy=strategy, max_steps=200, callbacks=[KillRank(victim, after=3, signum=signum)]
     )
@@ -240,17 +249,19 @@ def _fault_worker(rank: int, port: int, out: str, victim: int = 1, signum: int =
     Path(out, f"rank{rank}.txt").write_text(f"{time.monotonic() - start}\n{message}")
 
 
-def _kill_one(victim: int, signum: int = signal.SIGKILL) -> tuple[float, str]:
-    """Two ranks under LocalSGDStrategy (the process group initialised by Lightning, so the strategy's timeout
-    applies); ``victim`` sends itself ``signum`` after 3 steps. Returns the survivor's seconds in ``fit`` and its
-    error."""
+def _kill_one(victim: int, signum: int = signal.SIGKILL, compressor: str = "") -> tuple[float, str]:
+    """Two ranks under LocalSGDStrategy, or ``ddp_{compressor}`` (the process group initialised by Lightning, so
+    the strategy's timeout applies); ``victim`` sends itself ``signum`` after 3 steps. Returns the survivor's
+    seconds in ``fit`` and its error."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     context = mp.get_context("spawn")
     survivor = 1 - victim
     with tempfile.TemporaryDirectory(prefix="lightning_dl_fault_") as out:
-        processes = [context.Process(target=_fault_worker, args=(r, port, out, victim, signum)) for r in range(WORLD)]
+        processes = [
+            context.Process(target=_fault_worker, args=(r, port, out, victim, signum, compressor)) for r in range(WORLD)
+        ]
         for p in processes:
             p.start()
         try:
@@ -270,6 +281,15 @@ def test_a_dead_rank_is_named_within_60_seconds() -> None:
     assert seconds < 60
     assert "[local_sgd] a collective failed on rank 0: rank(s) [1] of 2 did not answer rank 0" in message
     assert "Collective timeout: 30 s" in message
+
+
+def test_a_dead_rank_under_powersgd_is_named_within_60_seconds() -> None:
+    """PowerSGD's messages go through shared memory between ranks of one host: the survivor sees its peer's
+    process gone and fails within seconds, naming it."""
+    seconds, message = _kill_one(victim=1, compressor="powersgd")
+    assert seconds < 60
+    assert "host exchange" in message and "rank(s) [1] of 2 died" in message
+    assert "[ddp_powersgd] a collective failed on rank 0: rank(s) [1] of 2 did not answer rank 0" in message
 
 
 @pytest.mark.slow

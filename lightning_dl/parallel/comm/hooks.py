@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_dl.parallel.comm.codecs import CODECS, as_numpy, loops
 from lightning_dl.parallel.comm.compressors import EPS, check_compressor, initial_q, orthogonalize_
+from lightning_dl.parallel.comm.host import HostExchange
 from lightning_dl.parallel.comm.workspace import BucketWorkspace
 
 # no `from __future__ import annotations`: DDP checks the hooks' annotations at runtime
@@ -31,7 +32,9 @@ def _done(tensor: torch.Tensor) -> Future:
 class CompressionState:
     """What a compressed hook keeps between steps: residuals (error feedback) and PowerSGD's warm-started ``Q`` by
     parameter name, the number of backward passes seen (``iter``; plain all-reduce while ``iter < start_iter``) and
-    the bytes this rank put into collectives (``bytes_sent``).
+    the bytes this rank put into collectives (``bytes_sent``). A CPU bucket's messages go through shared memory
+    when every rank runs on this host (``host.py``: no thread wake-ups), through the process group otherwise;
+    ``timeout`` bounds the wait for the other ranks there (seconds; the strategies pass their collective timeout).
 
     Example::
 
@@ -50,10 +53,13 @@ class CompressionState:
         start_iter: int = 0,
         seed: int = 0,
         process_group: dist.ProcessGroup | None = None,
+        timeout: float = 1800.0,
     ) -> None:
         check_compressor(compressor, rank, start_iter)
+        if not timeout > 0:
+            raise ValueError(f"`timeout` must be > 0 seconds, got {timeout!r}.")
         self.compressor, self.rank, self.start_iter, self.seed = compressor, rank, start_iter, seed
-        self.process_group = process_group
+        self.process_group, self.timeout = process_group, timeout
         self.names = {id(p): name for name, p in module.named_parameters()}
         self._residuals: dict[str, torch.Tensor] = {}
         self.qs: dict[str, torch.Tensor] = {}
@@ -107,9 +113,19 @@ def _workspace(state: CompressionState, bucket: dist.GradBucket) -> BucketWorksp
         ws = BucketWorkspace(
             list(names), shapes, state.compressor, world=state.world_size(), rank=state.rank, device=device, fused=fused
         )
+        if device.type == "cpu" and state.world_size() > 1:
+            ws.exchange = HostExchange.build(state.process_group, capacity=ws.message_bytes, timeout=state.timeout)
         state.workspaces[names] = ws
     ws.adopt(state._residuals)
     return ws
+
+
+def _all_reduce(state: CompressionState, ws: BucketWorkspace, tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` over the ranks in place: through the bucket's shared memory where it has some, else gloo."""
+    if ws.exchange is not None:
+        ws.exchange.all_reduce_(tensor)
+    else:
+        dist.all_reduce(tensor, group=state.process_group)
 
 
 def _allreduce_mean(state: CompressionState, bucket: dist.GradBucket) -> Future:
@@ -148,6 +164,10 @@ def quantized_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
     encode(ws, out)
     state.bytes_sent += ws.message.numel()
     world, me = state.world_size(), dist.get_rank(state.process_group)
+    if ws.exchange is not None:
+        ws.exchange.all_gather(ws.received, ws.message)
+        finish(ws, out, world, me)
+        return _finished(bucket, out)
     work = dist.all_gather(ws.received, ws.message, group=state.process_group, async_op=True)
 
     def decode(fut: Future) -> torch.Tensor:
@@ -196,7 +216,7 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
             torch.mm(m, state.qs[name], out=p)
         matrices.append((i, name, g, m, p, ws.q_span(i)))
     state.bytes_sent += ws.first.numel() * ws.first.element_size()
-    dist.all_reduce(ws.first, group=state.process_group)
+    _all_reduce(state, ws, ws.first)
     ws.first.div_(world)
     for i in range(len(ws.names)):
         if not ws.compressed[i]:
@@ -215,7 +235,7 @@ def powersgd_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:
     if ws.fused:
         ws.q_local.copy_(ws.second)
     state.bytes_sent += ws.second.numel() * ws.second.element_size()
-    dist.all_reduce(ws.second, group=state.process_group)
+    _all_reduce(state, ws, ws.second)
     ws.second.div_(world)
     for i, name, grad, _, p_hat, span in matrices:
         q_mean_t = ws.second[span].view(r, -1)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from lightning_dl.parallel.comm.compressors import compressible
+from lightning_dl.parallel.comm.host import HostExchange
 
 CHUNK = 1 << 17
 """Elements per chunk of the sign hook's passes (about 0.5 MB of float32 per buffer: several fit in a core's L2)."""
@@ -46,6 +47,9 @@ class BucketWorkspace:
         fused: bool = False,
     ) -> None:
         self.names, self.shapes, self.compressor, self.fused, self.rank = names, shapes, compressor, fused, rank
+        self.exchange: HostExchange | None = None
+        """Shared memory that carries this bucket's messages when every rank runs on this host (``host.py``);
+        ``None``: gloo (or the device's backend) carries them."""
         self.numels = [s.numel() for s in shapes]
         self.offsets = [sum(self.numels[:i]) for i in range(len(shapes))]
         total = sum(self.numels)
@@ -127,6 +131,13 @@ class BucketWorkspace:
                 m = self.residual_views[i].view(self.shapes[i][0], -1)
                 kernels.settle(m.numpy(), self.p(i).numpy(), q_local_t.numpy())
             self.pending[i] = False
+
+    @property
+    def message_bytes(self) -> int:
+        """Bytes of the largest message a step of this bucket sends (an exchange's capacity)."""
+        if self.compressor == "powersgd":
+            return 4 * max(self.first.numel(), self.second.numel(), 1)
+        return max(self.message.numel(), 1)
 
     def view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
         """Tensor ``i``'s part of a flat bucket-shaped ``buffer``, flat."""

@@ -3,6 +3,7 @@ to every rank's gradient plus its residual, and each residual is what that rank 
 checks every compressor and ``average_``."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 import lightning_dl.parallel.comm.hooks as hooks
 from lightning_dl.parallel.comm import CompressionState, LocalState, average_, hook_for, local_hook
 from lightning_dl.parallel.comm.compressors import initial_q
+from lightning_dl.parallel.comm.host import ENV
 from tests.helpers.distributed import run_distributed
 from tests.helpers.models import tiny_net
 
@@ -49,6 +51,7 @@ def _trace(compressor: str, start_iter: int, rank: int, bucket_cap_mb: float = 2
                 "output": {n: p.grad.clone() for n, p in net.named_parameters()},
                 "after": copy.deepcopy(state.residuals),
                 "bytes": state.bytes_sent - bytes_before,
+                "exchange": [ws.exchange is not None for ws in state.workspaces.values()],
             }
         )
         with torch.no_grad():
@@ -117,6 +120,9 @@ def _run(rank: int, world_size: int) -> dict:
     out["encoder"] = {(c, read): _encoder_grads(c, rank, read) for c in ("powersgd", "sign") for read in (True, False)}
     out["encoder"] |= {(c, "torch"): _encoder_grads(c, rank, False, fused=False) for c in ("powersgd", "sign")}
     hooks.FUSED = True
+    os.environ[ENV] = "0"  # the messages through gloo instead of the host's shared memory
+    out |= {f"{c}_gloo": _trace(c, 0, rank) for c in ("int8", "sign", "powersgd")}
+    del os.environ[ENV]
     out["int8_start2"] = _trace("int8", 2, rank)
     for compressor in ("int8", "powersgd"):  # one bucket per tensor: collectives of several buckets in order
         out[f"{compressor}_buckets"] = _trace(compressor, 0, rank, bucket_cap_mb=1e-4)
@@ -269,6 +275,18 @@ def test_local_hook_and_average(ranks) -> None:
         torch.testing.assert_close(r["averaged"][0], torch.full((3, 2), 1.5))
         torch.testing.assert_close(r["averaged"][1], torch.arange(4.0) * 1.5)
         assert r["average_bytes"] == 10 * 4
+
+
+@pytest.mark.parametrize("compressor", ["int8", "sign", "powersgd"])
+def test_messages_through_shared_memory_or_gloo_give_the_same_bits(ranks, compressor) -> None:
+    for r in ranks:
+        assert all(all(step["exchange"]) for step in r[compressor])  # both ranks on this host: shared memory
+        assert not any(any(step["exchange"]) for step in r[f"{compressor}_gloo"])
+        for shm, gloo in zip(r[compressor], r[f"{compressor}_gloo"], strict=True):
+            for key in ("output", "after"):
+                assert shm[key].keys() == gloo[key].keys()
+                assert all(torch.equal(shm[key][name], gloo[key][name]) for name in shm[key])
+            assert shm["bytes"] == gloo["bytes"]
 
 
 @pytest.mark.parametrize("compressor", ["int8", "powersgd"])
