@@ -334,21 +334,23 @@ def add_project(m, g, q_t, p, l_t, pending):
     first = _columns(0, rank)
     q = (q_t[first[0]], q_t[first[1]], q_t[first[2]], q_t[first[3]])
     lt = (l_t[first[0]], l_t[first[1]], l_t[first[2]], l_t[first[3]])
-    spare = np.zeros((2, cols if rows % 4 else 0), dtype=m.dtype)  # the partners of the last rows, their gradient
+    # the partners of the last rows (then their gradients), each a row of its own: rows that alias one another would
+    # fail LLVM's run-time overlap check and send the group down the loop's scalar version, summing in another order
+    spare = np.zeros((6, cols if rows % 4 else 0), dtype=m.dtype)
     no_weights = (np.float32(0), np.float32(0), np.float32(0), np.float32(0))
     for i in range(0, rows, 4):
         n = min(4, rows - i)
         x, y, z, t = (
             m[i],
             (m[i + 1] if n > 1 else spare[0]),
-            (m[i + 2] if n > 2 else spare[0]),
-            (m[i + 3] if n > 3 else spare[0]),
+            (m[i + 2] if n > 2 else spare[1]),
+            (m[i + 3] if n > 3 else spare[2]),
         )
         grads = (
             g[i],
-            (g[i + 1] if n > 1 else spare[1]),
-            (g[i + 2] if n > 2 else spare[1]),
-            (g[i + 3] if n > 3 else spare[1]),
+            (g[i + 1] if n > 1 else spare[3]),
+            (g[i + 2] if n > 2 else spare[4]),
+            (g[i + 3] if n > 3 else spare[5]),
         )
         if pending:
             for a in range(last, 0, -4):
