@@ -101,7 +101,9 @@ class CompressionState:
 
 def _workspace(state: CompressionState, bucket: dist.GradBucket) -> BucketWorkspace:
     """The preallocated buffers of this bucket's layout (built at its first compressed step, and again when DDP
-    rebuilds its buckets), with ``state.residuals`` pointing into them."""
+    rebuilds its buckets), with ``state.residuals`` pointing into them. Building one is a collective on a CPU
+    bucket of several ranks (its shared-memory exchange, ``host.py``): every rank builds it at the same step, so a
+    rank must not drop its workspaces alone (``load_state_dict`` runs on every rank)."""
     names = tuple(state.names[id(p)] for p in bucket.parameters())
     ws = state.workspaces.get(names)
     if ws is None:

@@ -35,6 +35,10 @@ LINE = 64
 """Bytes of a cache line: each rank's sequence number gets one of its own."""
 SPINS = 200
 """Polls of the sequence numbers before a waiting rank starts yielding its core (``sched_yield``) between polls."""
+YIELD_S = 0.02
+"""Seconds a waiting rank yields between polls before it sleeps between them instead (50 µs, doubling up to 1 ms):
+a long wait (a peer busy with something else, more ranks than cores) then leaves the cores to the ranks that
+work."""
 LIVENESS_S = 1.0
 """Seconds between checks that the ranks still missing are alive."""
 
@@ -43,6 +47,45 @@ def _boot_id() -> str:
     with contextlib.suppress(OSError):
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     return ""
+
+
+def _pid_namespace() -> int:
+    """The PID namespace this process lives in (process ids mean the same only within one)."""
+    with contextlib.suppress(OSError):
+        return os.stat("/proc/self/ns/pid").st_ino
+    return 0
+
+
+def _create(path: Path, size: int) -> mmap.mmap | None:
+    """A new file of ``size`` bytes at ``path``, its memory reserved (``posix_fallocate``: a full ``/dev/shm`` says
+    so now, not with SIGBUS at the first write), mapped; ``None`` where that fails (the file removed again)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return None
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return mmap.mmap(fd, size)
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+    finally:
+        os.close(fd)
+
+
+def _open(path: Path, size: int) -> mmap.mmap | None:
+    """The mapping of the file that rank 0 created, or ``None`` where that fails."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        return mmap.mmap(fd, size) if os.fstat(fd).st_size == size else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def _usable() -> bool:
@@ -56,7 +99,8 @@ class HostExchange:
     shared-memory segment of two slots of ``capacity`` bytes per rank. Built collectively by ``build``, which returns
     ``None`` where the exchange cannot be used. Every rank must call the same exchanges in the same order, as with
     any collective. The segment is unmapped when the exchange is garbage collected; its name is removed from
-    ``/dev/shm`` as soon as every rank has mapped it, so a crash leaves nothing behind.
+    ``/dev/shm`` as soon as every rank has mapped it, or the set-up has failed. An exchange that failed (a rank
+    died or did not arrive) refuses any further one.
 
     The slots alternate between consecutive exchanges: a rank writes the slot of exchange ``n + 2`` only after every
     rank has raised its sequence number to ``n + 1``, which each does only after reading exchange ``n``.
@@ -84,63 +128,66 @@ class HostExchange:
         self._slots = raw[LINE * world :].reshape(2, world, capacity)
         self.exchanges = 0
         """Exchanges this rank has completed (its sequence number)."""
+        self.failed = False
+        """Whether an exchange failed (a rank died or did not arrive); the exchange refuses any further one."""
 
     @classmethod
     def build(cls, process_group: dist.ProcessGroup | None, *, capacity: int, timeout: float) -> HostExchange | None:
         """Collective over ``process_group``: the exchange, or ``None`` on every rank when it cannot be used here (a
         rank on another host, not x86-64, no ``/dev/shm``, ``LIGHTNING_DL_HOST_EXCHANGE=0``, or a rank that could not
         map the segment). ``capacity``: bytes of the largest message, the same on every rank; ``timeout``: seconds a
-        rank waits for the others in an exchange."""
+        rank waits for the others in an exchange. Ranks must be in the same PID namespace too: a waiting rank
+        checks that the processes it waits for still exist."""
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"`capacity` (bytes of the largest message) must be an integer >= 1, got {capacity!r}.")
         if not timeout > 0:
             raise ValueError(f"`timeout` must be > 0 seconds, got {timeout!r}.")
         world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-        here = (socket.gethostname(), _boot_id(), _usable(), os.getpid())
-        everyone: list[tuple[str, str, bool, int]] = [("", "", False, 0)] * world
-        dist.all_gather_object(everyone, here, group=process_group)
-        if not all(host[:2] == here[:2] and host[2] for host in everyone):
-            return None
         capacity = -(-capacity // LINE) * LINE
+        here = (socket.gethostname(), _boot_id(), _pid_namespace(), _usable(), capacity, os.getpid())
+        everyone: list[tuple[str, str, int, bool, int, int]] = [("", "", 0, False, 0, 0)] * world
+        dist.all_gather_object(everyone, here, group=process_group)
+        if len({host[4] for host in everyone}) > 1:
+            raise ValueError(f"`capacity` must be the same on every rank, got {[host[4] for host in everyone]}.")
+        if not all(host[:3] == here[:3] and host[3] for host in everyone):
+            return None
         size = LINE * world + 2 * world * capacity
-        name = [f"lightning_dl-{os.getpid()}-{uuid.uuid4().hex[:12]}" if rank == 0 else ""]
-        dist.broadcast_object_list(name, group=process_group, group_src=0)
-        path = SHM / name[0]
-        segment = None
+        path, segment = None, None
+        if rank == 0:  # created, backed by memory and mapped before any other rank hears its name
+            path = SHM / f"lightning_dl-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            segment = _create(path, size)
         try:
-            if rank == 0:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                os.ftruncate(fd, size)
-            else:
-                fd = os.open(path, os.O_RDWR)
-            try:
-                segment = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-        except OSError:
-            segment = None
-        mapped: list[bool] = [False] * world
-        dist.all_gather_object(mapped, segment is not None, group=process_group)  # every rank has opened it, or failed
-        if rank == 0:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()  # the mappings keep the memory; nothing is left behind, whatever happens next
+            name = [path.name if segment is not None and path is not None else ""]
+            dist.broadcast_object_list(name, group=process_group, group_src=0)
+            if rank != 0 and name[0]:
+                segment = _open(SHM / name[0], size)
+            mapped: list[bool] = [False] * world
+            dist.all_gather_object(mapped, segment is not None, group=process_group)  # every rank mapped it, or not
+        finally:
+            if path is not None:  # the mappings keep the memory; nothing is left behind, whatever happens
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         if not all(mapped):
-            if segment is not None:
-                segment.close()
             return None
         assert segment is not None
-        return cls(segment, world, rank, capacity, [host[3] for host in everyone], timeout)
+        return cls(segment, world, rank, capacity, [host[5] for host in everyone], timeout)
 
     def _publish(self, payload: np.ndarray) -> np.ndarray:
         """Write this rank's message into its slot of the next exchange, raise its sequence number, wait for every
         rank's; returns the exchange's slots (``world × capacity`` bytes)."""
+        if self.failed:
+            raise RuntimeError("this host exchange failed in an earlier exchange; build a new one to go on.")
         if payload.nbytes > self.capacity:
             raise ValueError(f"a message of {payload.nbytes} bytes does not fit the exchange's {self.capacity} bytes.")
         sequence = self.exchanges + 1
         slots = self._slots[sequence % 2]
         slots[self.rank, : payload.nbytes] = payload.view(np.uint8)
         self._sequences[self.rank] = sequence  # after the message: x86-64 makes stores visible in program order
-        self._wait(sequence)
+        try:
+            self._wait(sequence)
+        except BaseException:
+            self.failed = True  # its sequence number is raised: another exchange could overwrite a slot being read
+            raise
         self.exchanges = sequence
         return slots
 
@@ -150,10 +197,14 @@ class HostExchange:
             if sequences.min() >= sequence:
                 return
         start = time.monotonic()
-        checked = start
+        checked, pause = start, 5e-5
         while sequences.min() < sequence:
-            os.sched_yield()
             now = time.monotonic()
+            if now - start < YIELD_S:
+                os.sched_yield()
+            else:
+                time.sleep(pause)
+                pause = min(2 * pause, 1e-3)
             if now - checked >= LIVENESS_S or now - start >= self.timeout:
                 checked = now
                 self._check(sequence, now - start)
@@ -184,6 +235,8 @@ class HostExchange:
 
     def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor) -> None:
         """``outputs[r] ←`` rank ``r``'s ``tensor`` (each contiguous, CPU, shaped like ``tensor``)."""
+        if len(outputs) != self.world:
+            raise ValueError(f"`outputs` must hold one tensor per rank ({self.world}), got {len(outputs)}.")
         values = tensor.numpy()
         slots = self._publish(values)
         n = values.nbytes

@@ -136,8 +136,8 @@ class BucketWorkspace:
     def message_bytes(self) -> int:
         """Bytes of the largest message a step of this bucket sends (an exchange's capacity)."""
         if self.compressor == "powersgd":
-            return 4 * max(self.first.numel(), self.second.numel(), 1)
-        return max(self.message.numel(), 1)
+            return max(self.first.nbytes, self.second.nbytes, 1)
+        return max(self.message.nbytes, 1)
 
     def view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
         """Tensor ``i``'s part of a flat bucket-shaped ``buffer``, flat."""

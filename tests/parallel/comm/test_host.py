@@ -3,6 +3,7 @@ exchange with the ranks out of step; is refused on every rank when one rank cann
 died or does not arrive."""
 
 import mmap
+import os
 import random
 import subprocess
 import sys
@@ -42,6 +43,14 @@ def _exchanges(rank: int, world_size: int) -> dict:
             out = [torch.empty_like(codes) for _ in range(world_size)]
             exchange.all_gather(out, codes)
             gathered.append(out)
+    # rank 0 creates and maps the segment before the others hear its name: never refused for a late file
+    built = [HostExchange.build(None, capacity=64 * (1 + k % 3), timeout=30.0) for k in range(30)]
+    left = sorted(p.name for p in host_module.SHM.glob(f"lightning_dl-{os.getpid()}-*"))  # names removed at once
+    try:
+        HostExchange.build(None, capacity=64 * (1 + rank), timeout=30.0)
+        mismatch = ""
+    except ValueError as err:
+        mismatch = str(err)
     refused = {}
     for what in ("elsewhere", "disabled"):
         if rank == 1 and what == "elsewhere":  # one rank on another host: every rank is refused
@@ -50,7 +59,15 @@ def _exchanges(rank: int, world_size: int) -> dict:
             host_module.os.environ[host_module.ENV] = "0"
         refused[what] = HostExchange.build(None, capacity=64, timeout=30.0) is None
     dist.barrier()
-    return {"sums": sums, "gathered": gathered, "refused": refused, "exchanges": exchange.exchanges}
+    return {
+        "sums": sums,
+        "gathered": gathered,
+        "refused": refused,
+        "exchanges": exchange.exchanges,
+        "built": sum(b is not None for b in built),
+        "left": left,
+        "mismatch": mismatch,
+    }
 
 
 @pytest.mark.distributed
@@ -60,6 +77,8 @@ def test_sums_in_rank_order_and_gathers_over_many_exchanges_out_of_step() -> Non
     for r in ranks:
         assert r["exchanges"] == EXCHANGES
         assert r["refused"] == {"elsewhere": True, "disabled": True}
+        assert r["built"] == 30 and r["left"] == []
+        assert r["mismatch"] == "`capacity` must be the same on every rank, got [64, 128, 192]."
         for k, i in enumerate(range(1, EXCHANGES, 2)):
             n = 1 + (37 * i) % 300
             expected = _message(0, n, i) + _message(1, n, i) + _message(2, n, i)  # in rank order
@@ -87,13 +106,13 @@ def test_a_dead_rank_is_named_within_seconds() -> None:
 
 
 def test_a_rank_that_does_not_arrive_is_named_after_the_timeout() -> None:
-    import os
-
     exchange = _alone([os.getpid(), os.getpid()], timeout=0.5)  # alive, never arrives: hung
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] of 2 did not arrive within the collective timeout"):
         exchange.all_gather([torch.empty(2), torch.empty(2)], torch.ones(2))
     assert 0.5 <= time.monotonic() - start < 5
+    with pytest.raises(RuntimeError, match="this host exchange failed in an earlier exchange"):
+        exchange.all_reduce_(torch.ones(2))  # its sequence number is raised: a slot could be overwritten while read
 
 
 def test_bad_arguments_are_named() -> None:
@@ -106,3 +125,5 @@ def test_bad_arguments_are_named() -> None:
     exchange = _alone([0, 0], timeout=1.0)
     with pytest.raises(ValueError, match=r"a message of 68 bytes does not fit the exchange's 64 bytes"):
         exchange.all_reduce_(torch.ones(17))
+    with pytest.raises(ValueError, match=r"`outputs` must hold one tensor per rank \(2\), got 1"):
+        exchange.all_gather([torch.empty(2)], torch.ones(2))
