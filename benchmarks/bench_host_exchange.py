@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _common import Bench, bench_parser
 
+from lightning_dl.parallel.comm.host import HostExchange  # imported once: the ranks are forked from this process
+
 MESSAGES = {
     "all-reduce 82 KB (PowerSGD P)": ("all_reduce", 20_560),
     "all-gather 0.8 MB (sign)": ("all_gather", 197_000),
@@ -37,8 +39,6 @@ def _rank(rank: int, world: int, tmp: str, calls: int, gap_s: float) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
-    from lightning_dl.parallel.comm.host import HostExchange
-
     largest = max(n for _, n in MESSAGES.values())
     exchange = HostExchange.build(None, capacity=4 * largest, timeout=120.0)
     if exchange is None:
