@@ -12,7 +12,6 @@ host_exchange.json and host_exchange.png.
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
@@ -126,5 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

@@ -57,7 +57,8 @@ class CompressedDDPStrategy(CommDDPStrategy):
     @override
     def configure_ddp(self) -> None:
         check_dense_gradients(self._module, f"strategy={self.strategy_name!r}")
-        timeout = self._timeout.total_seconds() if self._timeout is not None else 1800.0
+        assert self._timeout is not None  # CommDDPStrategy always sets one
+        timeout = self._timeout.total_seconds()
         self._state = CompressionState(
             self._module, self.compressor, rank=self.rank, start_iter=self.start_iter, timeout=timeout
         )

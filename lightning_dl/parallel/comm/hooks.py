@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_dl.parallel.comm.codecs import CODECS, as_numpy, loops
 from lightning_dl.parallel.comm.compressors import EPS, check_compressor, initial_q, orthogonalize_
-from lightning_dl.parallel.comm.host import HostExchange
+from lightning_dl.parallel.comm.host import HostExchange, check_timeout
 from lightning_dl.parallel.comm.workspace import BucketWorkspace
 
 # no `from __future__ import annotations`: DDP checks the hooks' annotations at runtime
@@ -56,8 +56,7 @@ class CompressionState:
         timeout: float = 1800.0,
     ) -> None:
         check_compressor(compressor, rank, start_iter)
-        if not timeout > 0:
-            raise ValueError(f"`timeout` must be > 0 seconds, got {timeout!r}.")
+        check_timeout(timeout)
         self.compressor, self.rank, self.start_iter, self.seed = compressor, rank, start_iter, seed
         self.process_group, self.timeout = process_group, timeout
         self.names = {id(p): name for name, p in module.named_parameters()}

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 ENV = "LIGHTNING_DL_HOST_EXCHANGE"
-"""Set to ``0`` to send the compressed hooks' messages through gloo even when every rank runs on this host."""
+"""``0``: the compressed hooks' messages go through gloo even when every rank runs on this host; ``1`` (the
+default): through shared memory where it can be used. Any other value is an error."""
 SHM = Path("/dev/shm")
 LINE = 64
 """Bytes of a cache line: each rank's sequence number gets one of its own."""
@@ -41,6 +42,12 @@ a long wait (a peer busy with something else, more ranks than cores) then leaves
 work."""
 LIVENESS_S = 1.0
 """Seconds between checks that the ranks still missing are alive."""
+
+
+def check_timeout(timeout: float) -> None:
+    """A wait bound must be a positive number of seconds."""
+    if not timeout > 0:
+        raise ValueError(f"`timeout` must be > 0 seconds, got {timeout!r}.")
 
 
 def _boot_id() -> str:
@@ -91,7 +98,7 @@ def _open(path: Path, size: int) -> mmap.mmap | None:
 def _usable() -> bool:
     """Whether this machine can carry the exchange: enabled, x86-64 (stores seen in program order) and /dev/shm."""
     machine = platform.machine().lower()
-    return os.environ.get(ENV, "1") != "0" and machine in ("x86_64", "amd64") and SHM.is_dir()
+    return os.environ.get(ENV, "1") == "1" and machine in ("x86_64", "amd64") and SHM.is_dir()
 
 
 class HostExchange:
@@ -140,13 +147,16 @@ class HostExchange:
         checks that the processes it waits for still exist."""
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"`capacity` (bytes of the largest message) must be an integer >= 1, got {capacity!r}.")
-        if not timeout > 0:
-            raise ValueError(f"`timeout` must be > 0 seconds, got {timeout!r}.")
+        check_timeout(timeout)
         world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
         capacity = -(-capacity // LINE) * LINE
-        here = (socket.gethostname(), _boot_id(), _pid_namespace(), _usable(), capacity, os.getpid())
-        everyone: list[tuple[str, str, int, bool, int, int]] = [("", "", 0, False, 0, 0)] * world
+        switch = os.environ.get(ENV, "1")
+        here = (socket.gethostname(), _boot_id(), _pid_namespace(), _usable(), capacity, os.getpid(), switch)
+        everyone: list[tuple[str, str, int, bool, int, int, str]] = [("", "", 0, False, 0, 0, "")] * world
         dist.all_gather_object(everyone, here, group=process_group)
+        switches = [host[6] for host in everyone]
+        if any(value not in ("0", "1") for value in switches):  # an error on every rank, not a hang on the others
+            raise ValueError(f"{ENV} must be 0 (gloo) or 1 (shared memory), got {switches} by rank.")
         if len({host[4] for host in everyone}) > 1:
             raise ValueError(f"`capacity` must be the same on every rank, got {[host[4] for host in everyone]}.")
         if not all(host[:3] == here[:3] and host[3] for host in everyone):

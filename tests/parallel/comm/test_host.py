@@ -51,6 +51,13 @@ def _exchanges(rank: int, world_size: int) -> dict:
         mismatch = ""
     except ValueError as err:
         mismatch = str(err)
+    host_module.os.environ[host_module.ENV] = "off" if rank == 2 else "1"  # one rank's bad switch: every rank says so
+    try:
+        HostExchange.build(None, capacity=64, timeout=30.0)
+        switch = ""
+    except ValueError as err:
+        switch = str(err)
+    del host_module.os.environ[host_module.ENV]
     refused = {}
     for what in ("elsewhere", "disabled"):
         if rank == 1 and what == "elsewhere":  # one rank on another host: every rank is refused
@@ -67,6 +74,7 @@ def _exchanges(rank: int, world_size: int) -> dict:
         "built": sum(b is not None for b in built),
         "left": left,
         "mismatch": mismatch,
+        "switch": switch,
     }
 
 
@@ -79,6 +87,10 @@ def test_sums_in_rank_order_and_gathers_over_many_exchanges_out_of_step() -> Non
         assert r["refused"] == {"elsewhere": True, "disabled": True}
         assert r["built"] == 30 and r["left"] == []
         assert r["mismatch"] == "`capacity` must be the same on every rank, got [64, 128, 192]."
+        assert (
+            r["switch"]
+            == "LIGHTNING_DL_HOST_EXCHANGE must be 0 (gloo) or 1 (shared memory), got ['1', '1', 'off'] by rank."
+        )
         for k, i in enumerate(range(1, EXCHANGES, 2)):
             n = 1 + (37 * i) % 300
             expected = _message(0, n, i) + _message(1, n, i) + _message(2, n, i)  # in rank order
